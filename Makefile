@@ -1,0 +1,45 @@
+# kaiku — the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format schemas bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## run: start everything on this machine (embedded broker, SQLite, file outbox) on :8000
+run: $(STAMP)
+	$(BIN)/kaiku run
+
+## test: every test, against the real broker (started by the tests) and PostgreSQL
+test: $(STAMP)
+	$(BIN)/pytest
+
+## lint: ruff, the format check and mypy --strict
+lint: $(STAMP)
+	$(BIN)/ruff check services tests
+	$(BIN)/ruff format --check services tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix services tests
+	$(BIN)/ruff format services tests
+
+## schemas: export schemas/ from the message models
+schemas: $(STAMP)
+	$(BIN)/kaiku schemas
+
+## bench: throughput figures beside bare baselines measured in the same run
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf var $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""The collector service: survey pages, answers, and scores."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.collector import api
+from services.collector.config import CollectorSettings
+from services.collector.handlers import InvitationHandler
+from services.collector.models import Base
+from services.collector.outbox import ResponseRelay
+from services.collector.pages import Pages
+from services.common import events
+from services.common.events import InvitationRequested
+from services.common.http import bearer_auth, install_error_handlers, install_health
+from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.program import Program, load_program
+from services.common.runtime import Runtime
+from services.common.settings import CommonSettings
+from services.common.tokens import LinkKeys
+
+
+def create_app(
+    settings: CommonSettings | None = None,
+    collector: CollectorSettings | None = None,
+    program: Program | None = None,
+) -> FastAPI:
+    settings = (settings or CommonSettings()).with_database("collector")
+    collector = collector or CollectorSettings()
+    program = program or load_program(settings.program.program)
+    runtime = Runtime(
+        name="collector", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
+    )
+    relay = ResponseRelay(runtime.sessions, runtime.producer)
+    runtime.add_loop(
+        ConsumerLoop(
+            name="collector-invitations",
+            topic=events.INVITATIONS,
+            group_id=runtime.group_prefix,
+            decode=json_decoder(InvitationRequested),
+            handler=InvitationHandler(),
+            sessions=runtime.sessions,
+            producer=runtime.producer,
+            settings=settings.kafka,
+        )
+    )
+    runtime.add_worker("response-relay", relay.run, relay.stop)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="kaiku collector", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    install_health(app, runtime.liveness, runtime.readiness)
+    app.include_router(
+        api.router(
+            program=program,
+            links=LinkKeys.parse(settings.links.link_keys),
+            pages=Pages(collector.template_dir),
+            sessions=runtime.sessions,
+            auth=bearer_auth(settings.http.api_token),
+            min_n=collector.min_n,
+            on_answer=relay.wake,
+        )
+    )
+    return app

@@ -1,0 +1,99 @@
+"""Publishes stored answers to ``kaiku.responses`` (the outbox relay).
+
+The survey page commits the answer and wakes this relay; the relay publishes every answer whose
+``published_at`` is empty and then marks it, so an answer stored while the broker was away goes out
+when it is back, and nothing is lost between the database and Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.collector import repository
+from services.collector.models import Response
+from services.common import events
+from services.common.db import unit_of_work
+from services.common.events import ResponseSubmitted, SurveyContext, utcnow
+from services.common.kafka import Outgoing, Producer, is_transient
+
+log = logging.getLogger(__name__)
+
+
+def response_message(r: Response) -> Outgoing:
+    message = ResponseSubmitted(
+        response_id=r.response_id,
+        invitation_id=r.invitation_id,
+        survey_id=r.survey_id,
+        customer_id=r.customer_id,
+        metric=r.metric,
+        score=r.score,
+        comment=r.comment,
+        locale=r.locale,
+        revision=r.revision,
+        submitted_at=r.submitted_at,
+        context=SurveyContext(
+            touchpoint=r.touchpoint,
+            channel=r.channel,
+            team=r.team,
+            agent=r.agent,
+            case_id=r.case_id,
+            account_id=r.account_id,
+        ),
+    )
+    return Outgoing(events.RESPONSES, r.customer_id, message)
+
+
+class ResponseRelay:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        producer: Producer,
+        poll_seconds: float = 2.0,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.sessions = sessions
+        self.producer = producer
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                while await self.publish() == 500:
+                    pass
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("response relay: transient error (%s)", type(exc).__name__)
+            if self._stopping:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def publish(self, limit: int = 500) -> int:
+        async with unit_of_work(self.sessions) as session:
+            rows = await repository.unpublished_responses(session, limit)
+            if not rows:
+                return 0
+            await self.producer.publish([response_message(r) for r in rows])
+            await repository.mark_responses_published(
+                session, [(r.response_id, r.revision) for r in rows], self.clock()
+            )
+        return len(rows)

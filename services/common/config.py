@@ -1,0 +1,91 @@
+"""Settings shared by the three services.
+
+Every setting comes from an environment variable with the prefix ``KAIKU_``. The classes are small
+and per concern; each service builds the ones it needs in ``create_app()`` / ``__main__`` and passes
+them down. Nothing here connects to anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the Kafka-protocol cluster and what the topics are called."""
+
+    model_config = SettingsConfigDict(env_prefix="KAIKU_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field(default="kaiku.", validation_alias="KAIKU_TOPIC_PREFIX")
+    client_id: str = "kaiku"
+    # Production Kafka: on. The embedded Tansu broker does not support the idempotent producer.
+    enable_idempotence: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    # Create missing topics on start (convenient for dev; production uses `kaiku topics create`).
+    create_topics: bool = True
+    partitions: int = 6
+    replication_factor: int = 1
+    # Consumer loop tuning.
+    max_batch: int = 500
+    poll_timeout_ms: int = 200
+    # Dead-letter breaker: stop the consumer when more than this share of a window goes to the DLQ.
+    dlq_breaker_ratio: float = 0.5
+    dlq_breaker_window: int = 200
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class DatabaseSettings(BaseSettings):
+    """The service's own database. SQLite is the embedded default, PostgreSQL the production one."""
+
+    model_config = SettingsConfigDict(env_prefix="KAIKU_DATABASE_", extra="ignore")
+
+    url: str = "sqlite+aiosqlite:///var/kaiku.db"
+    # Optional PostgreSQL schema (search_path) holding this service's tables.
+    schema_name: str | None = Field(default=None, validation_alias="KAIKU_DATABASE_SCHEMA")
+    pool_size: int = 10
+    echo: bool = False
+    # Create the tables on start when they are missing.
+    create_tables: bool = True
+
+
+class HttpSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KAIKU_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer token for API and admin routes.
+    api_token: SecretStr | None = None
+    # Largest request body accepted, in bytes.
+    max_body_bytes: int = 1_048_576
+    log_level: str = "INFO"
+
+
+class LinkSettings(BaseSettings):
+    """Survey-link tokens: signed with a key id so keys can rotate."""
+
+    model_config = SettingsConfigDict(env_prefix="KAIKU_", extra="ignore")
+
+    # Public base URL of the collector (survey and unsubscribe pages), as customers reach it.
+    public_url: str = "http://127.0.0.1:8000"
+    # "kid:secret" pairs, comma separated; the first signs new links, all verify.
+    link_keys: SecretStr = SecretStr("0:insecure-development-key-change-me")
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class ProgramSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KAIKU_", extra="ignore")
+
+    program: Path = Path("deploy/local/program.yaml")

@@ -1,0 +1,217 @@
+"""Every message on every topic, and the topic names.
+
+The models here are the single definition of what travels over Kafka; ``schemas/`` is exported from
+them (``python -m services.common.schemas``) and a test fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+Metric = Literal["nps", "csat", "ces"]
+SurveyChannel = Literal["email", "sms"]
+
+# Topic names without the configurable prefix (default "kaiku.").
+EVENTS = "events"
+INVITATIONS = "invitations"
+DELIVERIES = "deliveries"
+RESPONSES = "responses"
+OPTOUTS = "optouts"
+DLQ = "dlq"
+ALL_TOPICS = (EVENTS, INVITATIONS, DELIVERIES, RESPONSES, OPTOUTS, DLQ)
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+ShortText = Annotated[str, StringConstraints(max_length=200)]
+PHONE_E164 = r"^\+[1-9][0-9]{6,14}$"
+_LOCALE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+
+
+def _check_timezone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown IANA time zone {value!r}") from exc
+    return value
+
+
+def _check_locale(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _LOCALE.match(value):
+        raise ValueError(f"not a BCP 47 language tag: {value!r}")
+    return value
+
+
+TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+Locale = Annotated[str, AfterValidator(_check_locale)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Customer(BaseModel):
+    """Who the event is about. Contact details never appear in a repr (and so never in a log)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Id
+    email: EmailStr | None = Field(default=None, repr=False)
+    phone: Annotated[str, StringConstraints(pattern=PHONE_E164)] | None = Field(
+        default=None, repr=False, description="E.164, for example +358401234567"
+    )
+    locale: Locale | None = None
+    timezone: TimeZone | None = None
+    account_id: Id | None = None
+
+
+class EventData(BaseModel):
+    """The ``data`` of a kaiku CloudEvent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer: Customer
+    touchpoint: ShortText | None = None
+    channel: ShortText | None = Field(
+        default=None, description="The channel of the interaction (email, phone, chat, ...)"
+    )
+    team: ShortText | None = None
+    agent: ShortText | None = None
+    case_id: ShortText | None = None
+    do_not_survey: bool = False
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 event in structured JSON mode, as produced onto ``kaiku.events``.
+
+    Extension attributes (lower-case alphanumeric names) are allowed at the top level.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    specversion: Literal["1.0"]
+    id: Id
+    source: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    type: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    time: AwareDatetime | None = None
+    subject: Id | None = None
+    datacontenttype: Literal["application/json"] | None = None
+    dataschema: str | None = None
+    data: EventData
+
+    @model_validator(mode="after")
+    def _extension_names(self) -> CloudEvent:
+        for name in self.model_extra or {}:
+            if not re.fullmatch(r"[a-z0-9]{1,20}", name):
+                raise ValueError(
+                    f"{name!r}: CloudEvents attribute names are lower-case letters and digits"
+                )
+        return self
+
+    @property
+    def customer_id(self) -> str:
+        return self.data.customer.id
+
+
+class SurveyContext(BaseModel):
+    """The segment fields an answer is scored by, copied from the event."""
+
+    touchpoint: str | None = None
+    channel: str | None = None
+    team: str | None = None
+    agent: str | None = None
+    case_id: str | None = None
+    account_id: str | None = None
+
+
+class InvitationRequested(BaseModel):
+    """The trigger decided to invite a customer to a survey. Keyed by customer id."""
+
+    type: Literal["invitation.requested"] = "invitation.requested"
+    invitation_id: uuid.UUID
+    token: Annotated[str, StringConstraints(min_length=8, max_length=32)]
+    survey_id: Id
+    trigger_id: Id
+    metric: Metric
+    event_id: Id
+    event_source: str
+    event_type: str
+    event_time: AwareDatetime | None = None
+    customer: Customer
+    channel: SurveyChannel
+    locale: str
+    send_at: AwareDatetime
+    expires_at: AwareDatetime
+    requested_at: AwareDatetime
+    context: SurveyContext = Field(default_factory=SurveyContext)
+
+
+DeliveryStatus = Literal["sent", "failed", "in_doubt"]
+
+
+class DeliveryRecorded(BaseModel):
+    """The dispatcher's outcome for one invitation. Keyed by customer id."""
+
+    type: Literal["delivery.recorded"] = "delivery.recorded"
+    invitation_id: uuid.UUID
+    survey_id: Id
+    customer_id: Id
+    channel: SurveyChannel
+    provider: str
+    status: DeliveryStatus
+    reason: str | None = None
+    provider_message_id: str | None = None
+    attempts: int = 1
+    occurred_at: AwareDatetime
+
+
+class ResponseSubmitted(BaseModel):
+    """A customer answered (or changed an answer). Keyed by customer id; the last one counts."""
+
+    type: Literal["response.submitted"] = "response.submitted"
+    response_id: uuid.UUID
+    invitation_id: uuid.UUID
+    survey_id: Id
+    customer_id: Id
+    metric: Metric
+    score: int | None = None
+    comment: str | None = Field(default=None, max_length=5000)
+    locale: str
+    revision: int = 1
+    submitted_at: AwareDatetime
+    context: SurveyContext = Field(default_factory=SurveyContext)
+
+
+# One model (or tagged union) per topic. The dead-letter topic carries the original bytes.
+EventMessage = CloudEvent
+InvitationMessage = InvitationRequested
+DeliveryMessage = DeliveryRecorded
+ResponseMessage = ResponseSubmitted
+
+TOPIC_MODELS: dict[str, type[BaseModel]] = {
+    EVENTS: CloudEvent,
+    INVITATIONS: InvitationRequested,
+    DELIVERIES: DeliveryRecorded,
+    RESPONSES: ResponseSubmitted,
+}
+
+EVENT_BATCH: TypeAdapter[list[CloudEvent]] = TypeAdapter(list[CloudEvent])

@@ -1,0 +1,439 @@
+"""The one consumer loop, the producer, and the dead-letter topic.
+
+Every service consumes through :class:`ConsumerLoop`:
+
+    getmany → decode (invalid → dead letter) → handler in one unit of work → DB commit
+            → produce what the handler returned and await delivery → commit offset + 1
+
+Handlers are plain async functions of a batch of decoded messages and a session; they *return* what
+to publish. Offsets are committed only after the database transaction and the produce succeeded, so
+processing is at-least-once; handlers are idempotent on a unique key and re-emit on redelivery, so
+effects happen once.
+
+Failures come in three kinds. Invalid input goes to the dead-letter topic with the reason in its
+headers, then is committed; a breaker stops the consumer when most of a window goes there, so a bad
+deploy cannot drain a topic. Transient failures (database or broker unreachable) retry the batch
+with bounded exponential back-off. Anything else is a bug: the loop stops without committing and the
+service reports itself unhealthy, so the orchestrator restarts it from the last commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.common import events
+from services.common.config import KafkaSettings
+from services.common.db import unit_of_work
+from services.common.faults import failpoint
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+
+CONSUMED = Counter("kaiku_messages_consumed_total", "Messages consumed", ["consumer", "topic"])
+DEAD_LETTERED = Counter(
+    "kaiku_messages_dead_lettered_total", "Messages sent to the dead-letter topic", ["consumer"]
+)
+PRODUCED = Counter("kaiku_messages_produced_total", "Messages produced", ["topic"])
+BATCH_SECONDS = Histogram(
+    "kaiku_batch_seconds", "Time to process one consumer batch end to end", ["consumer"]
+)
+RETRIES = Counter(
+    "kaiku_transient_retries_total", "Batches retried after a transient error", ["consumer"]
+)
+LAG = Gauge("kaiku_consumer_lag", "Messages behind the partition end", ["consumer", "partition"])
+
+DLQ_HEADER_PREFIX = "kaiku-dlq-"
+
+
+class InvalidMessage(Exception):
+    """A message that can never be processed; it goes to the dead-letter topic with this reason."""
+
+
+class TooManyDeadLetters(RuntimeError):
+    """The breaker tripped: most recent messages were invalid, so the consumer stops."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish: the topic name without prefix, the key, and the payload."""
+
+    topic: str
+    key: str
+    value: BaseModel | bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def encode(self) -> bytes:
+        if isinstance(self.value, bytes):
+            return self.value
+        return self.value.model_dump_json(exclude_none=True).encode()
+
+
+@dataclass(frozen=True)
+class Incoming(Generic[M]):
+    record: ConsumerRecord
+    message: M
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message the handler refuses for good (invalid in a way only the handler can see)."""
+
+    record: ConsumerRecord
+    reason: str
+
+
+@dataclass
+class HandlerResult:
+    publish: list[Outgoing] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+Handler = Callable[[list[Incoming[M]], AsyncSession], Awaitable[HandlerResult]]
+Decoder = Callable[[ConsumerRecord], M]
+
+
+def validation_reason(error: ValidationError) -> str:
+    """A readable reason naming each failing field, without echoing the input (it may hold PII)."""
+    parts = []
+    for err in error.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(message)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def json_decoder(model: type[BaseModel]) -> Decoder[Any]:
+    """Decode a structured JSON record into ``model``; anything else is an invalid message."""
+
+    def decode(record: ConsumerRecord) -> Any:
+        if record.value is None:
+            raise InvalidMessage("empty message value")
+        try:
+            return model.model_validate_json(record.value)
+        except ValidationError as exc:
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                raise InvalidMessage(f"malformed JSON: {exc.errors()[0]['msg']}") from exc
+            raise InvalidMessage(f"schema violation: {validation_reason(exc)}") from exc
+
+    return decode
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the database or the broker is (briefly) unreachable or busy."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+        if code in {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}:
+            return True
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return True
+    return isinstance(exc, sa_exc.TimeoutError | KafkaError | OSError | TimeoutError)
+
+
+def _client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl.create_default_context()
+    if settings.sasl_mechanism:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
+    return kwargs
+
+
+async def ensure_topics(settings: KafkaSettings, names: Sequence[str] = events.ALL_TOPICS) -> None:
+    """Create the topics that are missing (idempotent)."""
+    admin = AIOKafkaAdminClient(**_client_kwargs(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [settings.topic(n) for n in names if settings.topic(n) not in existing]
+        if not wanted:
+            return
+        new = [NewTopic(t, settings.partitions, settings.replication_factor) for t in wanted]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:  # another replica won the race
+            pass
+        log.info("created topics %s", ", ".join(wanted))
+    finally:
+        await admin.close()
+
+
+class Producer:
+    """The service's one producer; ``publish`` returns once the broker acknowledged every one."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            **_client_kwargs(self.settings),
+            acks="all",
+            enable_idempotence=self.settings.enable_idempotence,
+            linger_ms=2,
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        if self._producer is None:
+            raise KafkaConnectionError("the producer is not started")
+        futures = []
+        for m in messages:
+            topic = self.settings.topic(m.topic)
+            futures.append(
+                await self._producer.send(
+                    topic, m.encode(), key=m.key.encode(), headers=list(m.headers)
+                )
+            )
+            PRODUCED.labels(topic=m.topic).inc()
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def ping(self) -> bool:
+        if self._producer is None:
+            return False
+        try:
+            await self._producer.client.fetch_all_metadata()
+        except Exception:  # readiness only reports
+            log.warning("broker is not reachable", exc_info=True)
+            return False
+        return True
+
+
+def dead_letter(
+    record: ConsumerRecord, reason: str, *, consumer: str, error: str = "InvalidMessage"
+) -> Outgoing:
+    """The original bytes, key and headers, plus why and where from."""
+    headers = [(k, v) for k, v in (record.headers or ()) if not k.startswith(DLQ_HEADER_PREFIX)]
+    headers += [
+        (f"{DLQ_HEADER_PREFIX}reason", reason[:4000].encode()),
+        (f"{DLQ_HEADER_PREFIX}error", error.encode()),
+        (f"{DLQ_HEADER_PREFIX}topic", record.topic.encode()),
+        (f"{DLQ_HEADER_PREFIX}partition", str(record.partition).encode()),
+        (f"{DLQ_HEADER_PREFIX}offset", str(record.offset).encode()),
+        (f"{DLQ_HEADER_PREFIX}consumer", consumer.encode()),
+        (f"{DLQ_HEADER_PREFIX}at", datetime.now(UTC).isoformat().encode()),
+    ]
+    key = record.key.decode(errors="replace") if record.key else ""
+    return Outgoing(events.DLQ, key, record.value or b"", tuple(headers))
+
+
+class ConsumerLoop(Generic[M]):
+    """Consume one topic in a consumer group and run ``handler`` on each batch."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        topic: str,
+        group_id: str,
+        decode: Decoder[M],
+        handler: Handler[M],
+        sessions: async_sessionmaker[AsyncSession],
+        producer: Producer,
+        settings: KafkaSettings,
+        max_transient_retries: int = 8,
+        after_batch: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.topic = topic
+        self.group_id = group_id
+        self.decode = decode
+        self.handler = handler
+        self.sessions = sessions
+        self.producer = producer
+        self.settings = settings
+        self.max_transient_retries = max_transient_retries
+        self.after_batch = after_batch
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._recent: deque[bool] = deque(maxlen=settings.dlq_breaker_window)
+        self.error: BaseException | None = None
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self.settings.topic(self.topic),
+            **_client_kwargs(self.settings),
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.settings.max_batch,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done() and self.error is None
+
+    async def stop(self) -> None:
+        """Drain: finish the batch in hand, commit it, leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(BaseException):  # already in self.error, and logged
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        try:
+            while not self._stopping.is_set():
+                batches = await self._consumer.getmany(
+                    timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
+                )
+                records = [r for rs in batches.values() for r in rs]
+                if not records:
+                    continue
+                started = time.perf_counter()
+                await self._process(records)
+                await self._commit(batches)
+                BATCH_SECONDS.labels(consumer=self.name).observe(time.perf_counter() - started)
+                self._record_lag(batches)
+                self.processed += len(records)
+                if self.after_batch is not None:
+                    self.after_batch()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            log.critical("consumer %s stopped: %s", self.name, exc, exc_info=True)
+            raise
+
+    async def _process(self, records: list[ConsumerRecord]) -> None:
+        CONSUMED.labels(consumer=self.name, topic=self.topic).inc(len(records))
+        good: list[Incoming[M]] = []
+        dead: list[Outgoing] = []
+        for record in records:
+            try:
+                good.append(Incoming(record, self.decode(record)))
+            except InvalidMessage as exc:
+                log.warning(
+                    "dead-lettering %s[%d]@%d: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
+                dead.append(dead_letter(record, str(exc), consumer=self.name))
+        result = await self._handle(good) if good else HandlerResult()
+        for rejected in result.rejected:
+            dead.append(
+                dead_letter(rejected.record, rejected.reason, consumer=self.name, error="Rejected")
+            )
+        self._breaker(len(records), len(dead))
+        failpoint(f"{self.name}.after_db_commit")
+        await self._publish(result.publish + dead)
+        failpoint(f"{self.name}.after_produce")
+        if dead:
+            DEAD_LETTERED.labels(consumer=self.name).inc(len(dead))
+
+    async def _handle(self, batch: list[Incoming[M]]) -> HandlerResult:
+        for attempt in range(self.max_transient_retries + 1):
+            try:
+                async with unit_of_work(self.sessions) as session:
+                    return await self.handler(batch, session)
+            except Exception as exc:
+                if not is_transient(exc) or attempt == self.max_transient_retries:
+                    raise
+                RETRIES.labels(consumer=self.name).inc()
+                delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
+                log.warning(
+                    "consumer %s: transient error (%s), retrying in %.1fs",
+                    self.name,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _publish(self, messages: list[Outgoing]) -> None:
+        for attempt in range(self.max_transient_retries + 1):
+            try:
+                await self.producer.publish(messages)
+                return
+            except KafkaError as exc:
+                if attempt == self.max_transient_retries:
+                    raise
+                RETRIES.labels(consumer=self.name).inc()
+                delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
+                log.warning(
+                    "consumer %s: produce failed (%s), retrying in %.1fs",
+                    self.name,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _commit(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        assert self._consumer is not None
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailedError:
+            # The group rebalanced while we worked: the new owner gets these messages again and
+            # the handlers' idempotency makes that harmless.
+            log.warning("consumer %s: offset commit lost to a rebalance", self.name)
+
+    def _breaker(self, total: int, dead: int) -> None:
+        self._recent.extend([True] * dead + [False] * (total - dead))
+        window = self._recent.maxlen or 0
+        if (
+            len(self._recent) >= window
+            and sum(self._recent) > window * self.settings.dlq_breaker_ratio
+        ):
+            raise TooManyDeadLetters(
+                f"{sum(self._recent)} of the last {len(self._recent)} messages were invalid; "
+                "stopping so a bad producer or deploy does not drain the topic"
+            )
+
+    def _record_lag(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        assert self._consumer is not None
+        for tp, rs in batches.items():
+            high = self._consumer.highwater(tp)
+            if high is not None and rs:
+                LAG.labels(consumer=self.name, partition=str(tp.partition)).set(
+                    max(0, high - rs[-1].offset - 1)
+                )

@@ -1,0 +1,191 @@
+"""The survey program: surveys and triggers (fatigue, quiet hours and the rest come later).
+
+Loaded from one YAML file and validated once at start; every error names its line and column.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from services.common.events import Metric, SurveyChannel
+
+SUPPORTED_LOCALES = ("fi", "sv", "en")
+METRIC_RANGES: dict[str, tuple[int, int]] = {"nps": (0, 10), "csat": (1, 5), "ces": (1, 7)}
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(value: Any) -> Any:
+    """Accept "90s", "15m", "2h", "3d", "1w", ISO 8601 ("P3D") or a number of seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Texts = dict[str, Annotated[str, Field(min_length=1, max_length=500)]]
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,99}$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reminder(_Model):
+    after: Duration
+
+
+class Survey(_Model):
+    id: Slug
+    metric: Metric
+    question: Texts = Field(description="The first question, per locale")
+    followup: Texts | None = Field(default=None, description="The open follow-up question")
+    title: Texts | None = Field(default=None, description="Email subject, per locale")
+    channels: list[SurveyChannel] = Field(default_factory=lambda: ["email"], min_length=1)  # type: ignore[arg-type]
+    link_expiry: Duration = timedelta(days=14)
+    reminder: Reminder | None = None
+    target: float | None = None
+
+    @property
+    def scale(self) -> tuple[int, int]:
+        return METRIC_RANGES[self.metric]
+
+
+class Trigger(_Model):
+    id: Slug
+    event: Annotated[str, Field(min_length=1, max_length=200)]
+    survey: Slug
+    delay: Duration = timedelta(0)
+
+
+class Defaults(_Model):
+    locale: Literal["fi", "sv", "en"] = "en"
+    timezone: str = "UTC"
+
+
+class Program(_Model):
+    version: Literal[1] = 1
+    defaults: Defaults = Defaults()
+    surveys: list[Survey] = Field(min_length=1)
+    triggers: list[Trigger] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Program:
+        ids = [s.id for s in self.surveys]
+        for i, survey in enumerate(self.surveys):
+            if ids.count(survey.id) > 1:
+                raise _at(("surveys", i, "id"), f"duplicate survey id {survey.id!r}")
+            for field in ("question", "followup", "title"):
+                texts = getattr(survey, field) or {}
+                for locale in texts:
+                    if locale not in SUPPORTED_LOCALES:
+                        raise _at(
+                            ("surveys", i, field, locale),
+                            f"unknown locale {locale!r} (supported: fi, sv, en)",
+                        )
+            if self.defaults.locale not in survey.question:
+                raise _at(
+                    ("surveys", i, "question"),
+                    f"no question in the default locale {self.defaults.locale!r}",
+                )
+        trigger_ids = [t.id for t in self.triggers]
+        for i, trigger in enumerate(self.triggers):
+            if trigger_ids.count(trigger.id) > 1:
+                raise _at(("triggers", i, "id"), f"duplicate trigger id {trigger.id!r}")
+            if trigger.survey not in ids:
+                raise _at(("triggers", i, "survey"), f"unknown survey {trigger.survey!r}")
+        return self
+
+    def survey(self, survey_id: str) -> Survey:
+        for survey in self.surveys:
+            if survey.id == survey_id:
+                return survey
+        raise KeyError(survey_id)
+
+    def triggers_for(self, event_type: str) -> list[Trigger]:
+        return [t for t in self.triggers if t.event == event_type]
+
+
+class _LocatedError(ValueError):
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _at(loc: tuple[str | int, ...], message: str) -> _LocatedError:
+    return _LocatedError(loc, message)
+
+
+class ProgramError(Exception):
+    """The program is invalid; ``errors`` holds one "file:line:col: where: what" per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def _node_at(node: yaml.Node | None, loc: tuple[str | int, ...]) -> yaml.Node | None:
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == part), node)
+            if node is None:
+                return None
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _where(source: str, root: yaml.Node | None, loc: tuple[str | int, ...]) -> str:
+    node = _node_at(root, loc)
+    if node is None:
+        return f"{source}:1:1"
+    return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def parse_program(text: str, source: str = "<program>") -> Program:
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f"{mark.line + 1}:{mark.column + 1}" if mark else "1:1"
+        raise ProgramError(
+            [f"{source}:{pos}: invalid YAML: {getattr(exc, 'problem', exc)}"]
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ProgramError([f"{source}:1:1: the program must be a mapping"])
+    try:
+        return Program.model_validate(raw)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            message = err["msg"]
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, _LocatedError):
+                loc, message = cause.loc, str(cause)
+            where = ".".join(str(p) for p in loc) or "(program)"
+            errors.append(f"{_where(source, root, loc)}: {where}: {message}")
+        raise ProgramError(errors) from exc
+
+
+def load_program(path: Path | str) -> Program:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProgramError([f"{path}: cannot read the program: {exc.strerror}"]) from exc
+    return parse_program(text, str(path))

@@ -1,0 +1,103 @@
+"""A service's moving parts (engine, producer, consumer loops, background tasks) and their order
+of starting and stopping, shared by the three FastAPI apps' lifespans."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sqlalchemy import MetaData
+
+from services.common.config import DatabaseSettings, KafkaSettings
+from services.common.db import create_engine, create_sessionmaker, create_tables, ping
+from services.common.kafka import ConsumerLoop, Producer, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(
+        self, *, name: str, kafka: KafkaSettings, database: DatabaseSettings, metadata: MetaData
+    ) -> None:
+        self.name = name
+        self.kafka = kafka
+        self.database = database
+        self.metadata = metadata
+        self.engine = create_engine(database)
+        self.sessions = create_sessionmaker(self.engine)
+        self.producer = Producer(kafka)
+        self.loops: list[ConsumerLoop[Any]] = []
+        self._workers: list[
+            tuple[str, Callable[[], Coroutine[Any, Any, None]], Callable[[], None] | None]
+        ] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.failed = asyncio.Event()
+        self.drain_seconds = 15.0
+
+    @property
+    def group_prefix(self) -> str:
+        return f"{self.kafka.topic_prefix}{self.name}"
+
+    def add_loop(self, loop: ConsumerLoop[Any]) -> None:
+        self.loops.append(loop)
+
+    def add_worker(
+        self, name: str, run: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None] | None = None
+    ) -> None:
+        """A background coroutine (a scheduler, an outbox relay). On shutdown ``stop`` asks it to
+        finish what it holds and return; without one, or if it takes too long, it is cancelled."""
+        self._workers.append((name, run, stop))
+
+    async def start(self) -> None:
+        if self.database.create_tables:
+            await create_tables(self.engine, self.metadata, self.database.schema_name)
+        if self.kafka.create_topics:
+            await ensure_topics(self.kafka)
+        await self.producer.start()
+        for loop in self.loops:
+            await loop.start()
+            assert loop._task is not None
+            loop._task.add_done_callback(self._on_done)
+        for name, run, _stop in self._workers:
+            task = asyncio.create_task(run(), name=f"{self.name}-{name}")
+            task.add_done_callback(self._on_done)
+            self._tasks[name] = task
+        log.info("%s started", self.name)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("%s: %s died: %r", self.name, task.get_name(), exc)
+            self.failed.set()
+
+    async def stop(self) -> None:
+        """Stop taking work, finish and commit what is in hand, then close connections."""
+        await asyncio.gather(*(loop.stop() for loop in self.loops), return_exceptions=True)
+        for name, _run, stop in self._workers:
+            task = self._tasks.get(name)
+            if task is None:
+                continue
+            if stop is not None:
+                stop()
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), self.drain_seconds)
+                except BaseException:  # noqa: S110 - cancelled below; errors already logged
+                    pass
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self.producer.stop()
+        await self.engine.dispose()
+        log.info("%s stopped", self.name)
+
+    async def liveness(self) -> dict[str, bool]:
+        checks = {f"consumer:{loop.name}": loop.healthy for loop in self.loops}
+        checks.update({f"worker:{n}": not t.done() for n, t in self._tasks.items()})
+        return checks
+
+    async def readiness(self) -> dict[str, bool]:
+        database, broker = await asyncio.gather(ping(self.engine), self.producer.ping())
+        return {"database": database, "broker": broker, **await self.liveness()}

@@ -1,0 +1,3 @@
+from services.common.serve import main
+
+main("dispatcher")

@@ -1,0 +1,82 @@
+"""The dispatcher service: schedules, renders and sends invitations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.common import events
+from services.common.events import InvitationRequested
+from services.common.http import install_error_handlers, install_health
+from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.program import Program, load_program
+from services.common.runtime import Runtime
+from services.common.settings import CommonSettings
+from services.dispatcher.channels import EmailChannel
+from services.dispatcher.channels.file import FileEmailChannel
+from services.dispatcher.channels.smtp import SmtpEmailChannel
+from services.dispatcher.config import DispatcherSettings, SmtpSettings
+from services.dispatcher.handlers import InvitationHandler
+from services.dispatcher.models import Base
+from services.dispatcher.rendering import Renderer
+from services.dispatcher.scheduler import Scheduler
+
+
+def email_channel(dispatcher: DispatcherSettings) -> EmailChannel:
+    if dispatcher.email_channel == "smtp":
+        return SmtpEmailChannel(SmtpSettings())
+    return FileEmailChannel(dispatcher.outbox_dir)
+
+
+def create_app(
+    settings: CommonSettings | None = None,
+    dispatcher: DispatcherSettings | None = None,
+    program: Program | None = None,
+    email: EmailChannel | None = None,
+) -> FastAPI:
+    settings = (settings or CommonSettings()).with_database("dispatcher")
+    dispatcher = dispatcher or DispatcherSettings()
+    program = program or load_program(settings.program.program)
+    runtime = Runtime(
+        name="dispatcher", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
+    )
+    scheduler = Scheduler(
+        settings=dispatcher,
+        program=program,
+        renderer=Renderer(settings.links.public_url, dispatcher.template_dir),
+        email=email or email_channel(dispatcher),
+        sessions=runtime.sessions,
+        producer=runtime.producer,
+        public_url=settings.links.public_url,
+    )
+    runtime.add_loop(
+        ConsumerLoop(
+            name="dispatcher",
+            topic=events.INVITATIONS,
+            group_id=runtime.group_prefix,
+            decode=json_decoder(InvitationRequested),
+            handler=InvitationHandler(),
+            sessions=runtime.sessions,
+            producer=runtime.producer,
+            settings=settings.kafka,
+            after_batch=scheduler.wake,
+        )
+    )
+    runtime.add_worker("scheduler", scheduler.run, scheduler.stop)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="kaiku dispatcher", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.scheduler = scheduler
+    install_error_handlers(app)
+    install_health(app, runtime.liveness, runtime.readiness)
+    return app

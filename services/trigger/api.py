@@ -1,0 +1,138 @@
+"""The trigger's HTTP ingress: ``POST /v1/events`` takes CloudEvents and puts them on Kafka."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from services.common import events
+from services.common.events import CloudEvent
+from services.common.http import ApiError, ErrorResponse, field_path, read_body
+from services.common.kafka import Outgoing, Producer
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = (
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+)
+
+
+class Accepted(BaseModel):
+    accepted: list[str]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Malformed JSON",
+        401: "Missing or wrong bearer token",
+        413: "Body or batch too large",
+        415: "Not a JSON content type",
+        422: "Not a valid CloudEvent; the error names the field",
+        503: "The broker did not acknowledge; retry after the Retry-After seconds",
+    }.items()
+}
+
+
+def parse_events(body: bytes, max_events: int) -> list[CloudEvent]:
+    """Decode one CloudEvent or a JSON array of them, naming the failing field on error."""
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = (
+            f" at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON{where}") from None
+    single = isinstance(raw, dict)
+    items = [raw] if single else raw
+    if not isinstance(items, list):
+        raise ApiError(422, "invalid", "expected a CloudEvent object or an array of them")
+    if not items:
+        raise ApiError(422, "invalid", "the array holds no event")
+    if len(items) > max_events:
+        raise ApiError(413, "too_many_events", f"at most {max_events} events per request")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(CloudEvent.model_validate(item))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            loc = tuple(err["loc"]) if single else (i, *err["loc"])
+            raise ApiError(422, "invalid_event", str(err["msg"]), field_path(loc)) from None
+    return out
+
+
+def router(producer: Producer, auth: Any, max_body: int, max_events: int) -> APIRouter:
+    api = APIRouter()
+
+    @api.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=ERRORS,
+        dependencies=[Depends(auth)],
+        summary="Submit one CloudEvent or a JSON array of them",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    t: {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": "#/components/schemas/CloudEvent"},
+                                {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/CloudEvent"},
+                                },
+                            ]
+                        }
+                    }
+                    for t in JSON_TYPES
+                },
+            }
+        },
+    )
+    async def post_events(request: Request) -> JSONResponse:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in JSON_TYPES:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send JSON ({', '.join(JSON_TYPES)}), not {ctype or 'nothing'}",
+            )
+        body = await read_body(request, max_body)
+        batch = parse_events(body, max_events)
+        messages = [
+            Outgoing(
+                events.EVENTS,
+                e.customer_id,
+                e,
+                (("content-type", b"application/cloudevents+json"),),
+            )
+            for e in batch
+        ]
+        try:
+            await producer.publish(messages)
+        except KafkaError as exc:
+            log.warning(
+                "events not accepted: the broker did not acknowledge (%s)", type(exc).__name__
+            )
+            raise ApiError(
+                503,
+                "unavailable",
+                "the event store is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            ) from None
+        return JSONResponse({"accepted": [e.id for e in batch]}, status_code=202)
+
+    return api

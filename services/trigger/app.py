@@ -1,0 +1,83 @@
+"""The trigger service: HTTP ingress and the worker that turns events into invitations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.common import events
+from services.common.events import CloudEvent
+from services.common.http import bearer_auth, install_error_handlers, install_health
+from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.program import Program, load_program
+from services.common.runtime import Runtime
+from services.common.settings import CommonSettings
+from services.common.tokens import LinkKeys
+from services.trigger import api
+from services.trigger.config import TriggerSettings
+from services.trigger.handlers import EventHandler
+from services.trigger.models import Base
+
+
+def create_app(
+    settings: CommonSettings | None = None,
+    trigger: TriggerSettings | None = None,
+    program: Program | None = None,
+) -> FastAPI:
+    settings = (settings or CommonSettings()).with_database("trigger")
+    trigger = trigger or TriggerSettings()
+    program = program or load_program(settings.program.program)
+    links = LinkKeys.parse(settings.links.link_keys)
+    runtime = Runtime(
+        name="trigger", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
+    )
+    runtime.add_loop(
+        ConsumerLoop(
+            name="trigger",
+            topic=events.EVENTS,
+            group_id=runtime.group_prefix,
+            decode=json_decoder(CloudEvent),
+            handler=EventHandler(program, links),
+            sessions=runtime.sessions,
+            producer=runtime.producer,
+            settings=settings.kafka,
+        )
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="kaiku trigger", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    install_health(app, runtime.liveness, runtime.readiness)
+    app.include_router(
+        api.router(
+            runtime.producer,
+            bearer_auth(settings.http.api_token),
+            settings.http.max_body_bytes,
+            trigger.max_batch_events,
+        )
+    )
+    # The CloudEvent schema is referenced by the hand-written request body of /v1/events.
+    original = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = original()
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            defs = CloudEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(defs.pop("$defs", {}))
+            comps["CloudEvent"] = defs
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

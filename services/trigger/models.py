@@ -1,0 +1,53 @@
+"""The trigger's own tables."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Index, String, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.common.db import UtcDateTime, metadata
+
+
+class Base(DeclarativeBase):
+    metadata = metadata()
+
+
+class ProcessedEvent(Base):
+    """Marks an event as handled (source + id is the CloudEvents identity) and keeps what was
+    published for it, so a redelivered event publishes the same messages again."""
+
+    __tablename__ = "trigger_processed_events"
+
+    source: Mapped[str] = mapped_column(String(500), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200))
+    event_type: Mapped[str] = mapped_column(String(200))
+    processed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # [{"topic": ..., "key": ..., "value": <json text>}, ...]
+    published: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class Decision(Base):
+    """The decision ledger: why a customer was (or was not) invited."""
+
+    __tablename__ = "trigger_decisions"
+    __table_args__ = (Index(None, "customer_id", "decided_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str | None] = mapped_column(String(200))
+    event_source: Mapped[str] = mapped_column(String(500))
+    event_id: Mapped[str] = mapped_column(String(200))
+    event_type: Mapped[str] = mapped_column(String(200))
+    trigger_id: Mapped[str | None] = mapped_column(String(100))
+    survey_id: Mapped[str | None] = mapped_column(String(100))
+    decision: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(String(100))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    invitation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    next_eligible_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -1,0 +1,128 @@
+"""One survey end to end through the real broker: event → email → page → answer → score."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+
+from services.collector.app import create_app as collector_app
+from services.common import events
+from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.program import Program
+from services.common.settings import CommonSettings
+from services.dispatcher.app import create_app as dispatcher_app
+from services.dispatcher.channels.smtp import SmtpEmailChannel
+from services.dispatcher.config import DispatcherSettings, SmtpSettings
+from services.embedded import EmbeddedApp
+from services.trigger.app import create_app as trigger_app
+from tests.conftest import read_topic
+from tests.support import SmtpSink, client, eventually, html_part, running, survey_link
+
+TOKEN = "test-token-" + uuid.uuid4().hex
+PUBLIC = "http://kaiku.test"
+
+
+def stack(
+    kafka: KafkaSettings, database: DatabaseSettings, program: Program, sink: SmtpSink
+) -> EmbeddedApp:
+    settings = CommonSettings(
+        kafka=kafka,
+        database=database,
+        http=HttpSettings(api_token=SecretStr(TOKEN)),
+        links=LinkSettings(public_url=PUBLIC),
+    )
+    smtp = SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=sink.port))
+    return EmbeddedApp(
+        trigger_app(settings, program=program),
+        dispatcher_app(settings, DispatcherSettings(poll_seconds=0.2), program=program, email=smtp),
+        collector_app(settings, program=program),
+    )
+
+
+def order_delivered(customer: str = "cust-4411") -> dict[str, object]:
+    return {
+        "specversion": "1.0",
+        "id": f"ord-{uuid.uuid4().hex[:8]}",
+        "source": "shop://acme",
+        "type": "order.delivered",
+        "time": "2026-11-20T14:03:00Z",
+        "subject": customer,
+        "data": {
+            "customer": {
+                "id": customer,
+                "email": "aino@example.fi",
+                "locale": "fi",
+                "timezone": "Europe/Helsinki",
+                "account_id": "acct-77",
+            },
+            "touchpoint": "delivery",
+            "team": "logistics",
+        },
+    }
+
+
+async def test_event_to_email_to_answer_to_score(
+    kafka: KafkaSettings, database: DatabaseSettings, program: Program, smtp_sink: SmtpSink
+) -> None:
+    app = stack(kafka, database, program, smtp_sink)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with running(*app.apps.values()), client(app, PUBLIC) as http:
+        event = order_delivered()
+        posted = await http.post("/v1/events", json=event, headers=auth)
+        assert posted.status_code == 202, posted.text
+        assert posted.json() == {"accepted": [event["id"]]}
+
+        await eventually(smtp_sink.count, what="the invitation email at the SMTP server")
+        msg = smtp_sink.messages[0]
+        assert smtp_sink.envelopes[0][1] == ["aino@example.fi"]
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert "/u/" in msg["List-Unsubscribe"]
+        link = survey_link(msg)
+        assert link.startswith(f"{PUBLIC}/s/")
+        token = urlsplit(link).path.rsplit("/", 1)[1]
+        assert len(token) <= 32
+        # The Finnish question and the eleven NPS score buttons are in the email.
+        html = html_part(msg)
+        assert "suosittelisit" in html
+        for n in range(11):
+            assert f"/s/{token}?score={n}" in html
+
+        # A score button in the email only pre-selects: nothing is recorded by a GET.
+        page = await http.get(f"/s/{token}?score=9")
+        assert page.status_code == 200
+        assert (
+            'value="9" checked' in page.text or 'value="9"\n' in page.text or "checked" in page.text
+        )
+        scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
+        assert scores.json()["n"] == 0
+
+        answer = await http.post(
+            f"/s/{token}", data={"score": "9", "comment": "Nopea toimitus"}, follow_redirects=False
+        )
+        assert answer.status_code == 303
+        thanks = await http.get(answer.headers["location"])
+        assert thanks.status_code == 200
+
+        scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
+        assert scores.status_code == 200
+        body = scores.json()
+        assert (body["metric"], body["n"], body["value"]) == ("nps", 1, 100.0)
+        assert body["promoters"] == 1 and body["low_n"] is True
+
+        # The answer and the delivery went out on their topics, keyed by customer.
+        responses = await read_topic(kafka, events.RESPONSES, expect=1)
+        assert len(responses) == 1
+        published = json.loads(responses[0].value)  # type: ignore[attr-defined]
+        assert (published["score"], published["survey_id"]) == (9, "relationship-nps")
+        assert responses[0].key == b"cust-4411"  # type: ignore[attr-defined]
+        deliveries = await read_topic(kafka, events.DELIVERIES, expect=1)
+        assert json.loads(deliveries[0].value)["status"] == "sent"  # type: ignore[attr-defined]
+
+        # Changing the answer: the last one counts, still one answer.
+        await http.post(f"/s/{token}", data={"score": "3"})
+        scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
+        assert (scores.json()["n"], scores.json()["value"]) == (1, -100.0)
+    assert smtp_sink.count() == 1
