@@ -53,6 +53,8 @@ def kafka(broker: str) -> KafkaSettings:
         enable_idempotence=False,
         partitions=3,
         poll_timeout_ms=50,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
     )
 
 

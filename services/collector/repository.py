@@ -117,4 +117,4 @@ async def score_histogram(
     if until is not None:
         stmt = stmt.where(Response.submitted_at < until)
     rows = await session.execute(stmt)
-    return {int(s): int(c) for s, c in rows.tuples() if s is not None}
+    return {int(s): int(c) for s, c in rows.all() if s is not None}

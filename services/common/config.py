@@ -17,7 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class KafkaSettings(BaseSettings):
     """How to reach the Kafka-protocol cluster and what the topics are called."""
 
-    model_config = SettingsConfigDict(env_prefix="KAIKU_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KAIKU_KAFKA_", extra="ignore", populate_by_name=True
+    )
 
     bootstrap_servers: str = "127.0.0.1:9092"
     topic_prefix: str = Field(default="kaiku.", validation_alias="KAIKU_TOPIC_PREFIX")
@@ -35,6 +37,9 @@ class KafkaSettings(BaseSettings):
     # Consumer loop tuning.
     max_batch: int = 500
     poll_timeout_ms: int = 200
+    # Group membership: a consumer joins a group in about half the session timeout on Tansu.
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
     # Dead-letter breaker: stop the consumer when more than this share of a window goes to the DLQ.
     dlq_breaker_ratio: float = 0.5
     dlq_breaker_window: int = 200
@@ -46,7 +51,9 @@ class KafkaSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     """The service's own database. SQLite is the embedded default, PostgreSQL the production one."""
 
-    model_config = SettingsConfigDict(env_prefix="KAIKU_DATABASE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KAIKU_DATABASE_", extra="ignore", populate_by_name=True
+    )
 
     url: str = "sqlite+aiosqlite:///var/kaiku.db"
     # Optional PostgreSQL schema (search_path) holding this service's tables.

@@ -298,6 +298,8 @@ class ConsumerLoop(Generic[M]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.max_batch,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")

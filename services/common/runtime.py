@@ -44,7 +44,10 @@ class Runtime:
         self.loops.append(loop)
 
     def add_worker(
-        self, name: str, run: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None] | None = None
+        self,
+        name: str,
+        run: Callable[[], Coroutine[Any, Any, None]],
+        stop: Callable[[], None] | None = None,
     ) -> None:
         """A background coroutine (a scheduler, an outbox relay). On shutdown ``stop`` asks it to
         finish what it holds and return; without one, or if it takes too long, it is cancelled."""

@@ -105,7 +105,7 @@ async def mark_published(session: AsyncSession, ids: list[uuid.UUID], now: datet
 
 async def counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(Send.status, func.count()).group_by(Send.status))
-    return {status: n for status, n in rows.tuples()}
+    return {status: n for status, n in rows.all()}
 
 
 async def next_due(session: AsyncSession) -> datetime | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import SecretStr
 
 from services.collector.app import create_app as collector_app
@@ -91,11 +93,15 @@ async def test_event_to_email_to_answer_to_score(
             assert f"/s/{token}?score={n}" in html
 
         # A score button in the email only pre-selects: nothing is recorded by a GET.
-        page = await http.get(f"/s/{token}?score=9")
-        assert page.status_code == 200
-        assert (
-            'value="9" checked' in page.text or 'value="9"\n' in page.text or "checked" in page.text
-        )
+        # The collector learns of the invitation from kaiku.invitations, in parallel with the
+        # dispatcher: give it the moment a person would take to open the email.
+        async def page_served() -> httpx.Response | None:
+            page = await http.get(f"/s/{token}?score=9")
+            return page if page.status_code == 200 else None
+
+        page = await eventually(page_served, timeout=10, what="the survey page")
+        assert re.search(r'value="9" id="score-9" checked', page.text), "score 9 not selected"
+        assert len(re.findall(r"<input[^>]* checked", page.text)) == 1
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
         assert scores.json()["n"] == 0
 

@@ -1,0 +1,250 @@
+"""``make bench``: throughput figures, each beside a bare baseline measured in the same run.
+
+Every figure is printed as
+
+    bench: NAME VALUE UNIT (baseline VALUE UNIT, ratio R)
+
+and all of them are written to ``var/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.common import events
+from services.common.config import DatabaseSettings, KafkaSettings
+from services.common.db import create_tables
+from services.common.kafka import ConsumerLoop, ensure_topics, json_decoder
+from services.common.program import load_program
+from services.common.runtime import Runtime
+from services.common.tokens import LinkKeys
+from services.embedded import EmbeddedBroker
+from services.trigger.handlers import EventHandler
+from services.trigger.models import Base as TriggerBase
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_URL = os.environ.get(
+    "KAIKU_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    baseline: float
+    baseline_unit: str
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline if self.baseline else 0.0
+
+    def line(self) -> str:
+        return (
+            f"bench: {self.name} {self.value:.0f} {self.unit} "
+            f"(baseline {self.baseline:.0f} {self.baseline_unit}, ratio {self.ratio:.2f})"
+        )
+
+
+def event(i: int) -> bytes:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": f"bench-{i}",
+            "source": "bench://shop",
+            "type": "order.delivered" if i % 2 else "ticket.solved",
+            "time": "2026-11-20T14:03:00Z",
+            "data": {
+                "customer": {
+                    "id": f"cust-{i % 5000}",
+                    "email": f"c{i % 5000}@example.com",
+                    "locale": "fi",
+                    "account_id": f"acct-{i % 300}",
+                },
+                "touchpoint": "support",
+                "team": "billing",
+            },
+        }
+    ).encode()
+
+
+async def preload(kafka: KafkaSettings, n: int) -> None:
+    await ensure_topics(kafka)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    futures = [
+        await producer.send(kafka.topic(events.EVENTS), event(i), key=f"cust-{i % 5000}".encode())
+        for i in range(n)
+    ]
+    await asyncio.gather(*futures)
+    await producer.stop()
+
+
+async def bare_loop(kafka: KafkaSettings, n: int) -> float:
+    """The baseline: consume → produce → await → commit, with nothing else."""
+    consumer = AIOKafkaConsumer(
+        kafka.topic(events.EVENTS),
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=f"bare-{uuid.uuid4().hex[:6]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=kafka.max_batch,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=2)
+    await consumer.start()
+    await producer.start()
+    done = 0
+    started = 0.0
+    first = 0
+    while done < n:
+        batch = await consumer.getmany(timeout_ms=200, max_records=kafka.max_batch)
+        futures = []
+        for records in batch.values():
+            for r in records:
+                futures.append(await producer.send(kafka.topic("bare-out"), r.value, key=r.key))
+        await asyncio.gather(*futures)
+        if batch:
+            await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+        done += sum(len(rs) for rs in batch.values())
+        if not started and done:  # steady state: from the end of the first batch
+            started, first = time.perf_counter(), done
+    elapsed = time.perf_counter() - started
+    await consumer.stop()
+    await producer.stop()
+    return (n - first) / elapsed
+
+
+async def trigger_loop(kafka: KafkaSettings, database: DatabaseSettings, n: int) -> float:
+    """The trigger worker's real loop: decode, rules, dedupe + ledger in SQL, produce, commit."""
+    runtime = Runtime(name="trigger", kafka=kafka, database=database, metadata=TriggerBase.metadata)
+    await create_tables(runtime.engine, TriggerBase.metadata, database.schema_name)
+    await runtime.producer.start()
+    loop = ConsumerLoop(
+        name="bench-trigger",
+        topic=events.EVENTS,
+        group_id=f"bench-{uuid.uuid4().hex[:6]}",
+        decode=json_decoder(events.CloudEvent),
+        handler=EventHandler(
+            load_program(ROOT / "deploy/local/program.yaml"),
+            LinkKeys.parse("0:bench-key-0123456789abcdef"),
+        ),
+        sessions=runtime.sessions,
+        producer=runtime.producer,
+        settings=kafka,
+    )
+    await loop.start()
+    while loop.processed == 0:  # the group join is not part of the figure
+        await asyncio.sleep(0.001)
+    started, first = time.perf_counter(), loop.processed
+    while loop.processed < n:
+        if loop.error is not None:
+            raise loop.error
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - started
+    await loop.stop()
+    await runtime.producer.stop()
+    await runtime.engine.dispose()
+    return (n - first) / elapsed
+
+
+async def pg_schema() -> DatabaseSettings:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    engine = create_async_engine(PG_URL)
+    async with engine.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    await engine.dispose()
+    return DatabaseSettings(url=PG_URL, schema_name=schema)
+
+
+async def drop_schema(db: DatabaseSettings) -> None:
+    engine = create_async_engine(PG_URL)
+    async with engine.begin() as conn:
+        await conn.execute(text(f'DROP SCHEMA "{db.schema_name}" CASCADE'))
+    await engine.dispose()
+
+
+async def main(n: int) -> list[Figure]:
+    broker = EmbeddedBroker()
+    broker.start()
+    figures: list[Figure] = []
+    try:
+        kafka = KafkaSettings(
+            bootstrap_servers=broker.bootstrap,
+            topic_prefix=f"bench-{uuid.uuid4().hex[:6]}.",
+            enable_idempotence=False,
+            partitions=6,
+        )
+        await preload(kafka, n)
+        baseline = await bare_loop(kafka, n)
+        pg = await pg_schema()
+        try:
+            figures.append(
+                Figure(
+                    "trigger_events_postgres",
+                    await trigger_loop(kafka, pg, n),
+                    "events/s",
+                    baseline,
+                    "events/s",
+                )
+            )
+        finally:
+            await drop_schema(pg)
+        sqlite_path = ROOT / "var" / f"bench-{uuid.uuid4().hex[:6]}.db"
+        sqlite_path.parent.mkdir(exist_ok=True)
+        try:
+            sqlite = DatabaseSettings(url=f"sqlite+aiosqlite:///{sqlite_path}")
+            figures.append(
+                Figure(
+                    "trigger_events_sqlite",
+                    await trigger_loop(kafka, sqlite, n),
+                    "events/s",
+                    baseline,
+                    "events/s",
+                )
+            )
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+    finally:
+        broker.stop()
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    args = parser.parse_args()
+    results = asyncio.run(main(args.events))
+    for figure in results:
+        print(figure.line(), flush=True)
+    out = ROOT / "var" / "bench.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                },
+                "events": args.events,
+                "figures": [dict(asdict(f), ratio=round(f.ratio, 3)) for f in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out.relative_to(ROOT)}")
