@@ -257,8 +257,8 @@ async def run(var: Path = Path("var")) -> int:
                 "bootstrap_servers": broker.bootstrap,
                 "enable_idempotence": False,
                 "partitions": 3,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 500,
             }
         )
     base_url = f"http://{http.host}:{http.port}"

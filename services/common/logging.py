@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,22 @@ def bound(**ids: str | None) -> Iterator[None]:
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.kaiku = _context.get({})
+        return True
+
+
+_LINK_TOKEN = re.compile(r"/(s|u)/[A-Za-z0-9_-]{8,}")
+
+
+class _RedactLinkTokens(logging.Filter):
+    """Survey and unsubscribe links carry a token that answers for a customer: keep it out of
+    access logs (``/s/<token>`` instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _LINK_TOKEN.sub(r"/\1/<token>", a) if isinstance(a, str) else a
+                for a in record.args
+            )
         return True
 
 
@@ -59,6 +76,7 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_RedactLinkTokens())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -209,7 +209,7 @@ def test_finnish_wording(program: Program, renderer: Renderer) -> None:
     survey = nps_survey(program)
     rendered = renderer.email(invitation(survey, locale="fi"), survey)
     assert "Kiitos, että asioit kanssamme. Vastaaminen vie alle minuutin." in rendered.text
-    assert "En lainkaan todennäköisesti" in rendered.html
+    assert "Erittäin epätodennäköisesti" in rendered.html
     assert "Erittäin todennäköisesti" in rendered.html
 
 

@@ -1,0 +1,35 @@
+"""No token, email address or phone number in a log line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from services.common import logging as kaiku_logging
+from services.common.events import Customer
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_log_lines_hide_survey_link_tokens(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kaiku_logging.configure("INFO", fmt)
+    token = "0uAvfstvkD2TAR37J7fsdjF2_CvdH"
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", f"/s/{token}?score=9", "1.1", 200
+    )
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "POST", f"/u/{token}", "1.1", 200
+    )
+    err = capsys.readouterr().err
+    assert token not in err
+    assert "/s/<token>?score=9" in err
+    assert "/u/<token>" in err
+
+
+def test_contact_details_stay_out_of_reprs() -> None:
+    customer = Customer(id="c-1", email="aino@example.fi", phone="+358401234567")
+    assert "aino" not in repr(customer)
+    assert "358401234567" not in repr(customer)
+    assert "c-1" in repr(customer)
