@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextvars
 import json
-import re
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,8 +44,7 @@ class _RedactLinkTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _LINK_TOKEN.sub(r"/\1/<token>", a) if isinstance(a, str) else a
-                for a in record.args
+                _LINK_TOKEN.sub(r"/\1/<token>", a) if isinstance(a, str) else a for a in record.args
             )
         return True
 
