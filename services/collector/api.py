@@ -73,7 +73,9 @@ def router(
     def message(kind: str, status: int, locale: str | None = None) -> HTMLResponse:
         return _page(pages.message(locale=pick_locale(locale, default_locale), kind=kind), status)
 
-    async def load(session: AsyncSession, token: str) -> Invitation | HTMLResponse:
+    async def load(
+        session: AsyncSession, token: str, *, unsubscribe: bool = False
+    ) -> Invitation | HTMLResponse:
         try:
             links.verify(token)
         except InvalidToken:
@@ -81,6 +83,8 @@ def router(
         invitation = await repository.invitation_by_token(session, token)
         if invitation is None:
             return message("not_found", 404)
+        if unsubscribe:  # unsubscribe links work for as long as the invitation is kept
+            return invitation
         if invitation.expires_at <= clock():
             return message("expired", 410, invitation.locale)
         if invitation.survey_id not in {s.id for s in program.surveys}:
@@ -207,6 +211,44 @@ def router(
                 score=previous.score if previous else None,
             )
         )
+
+    @api.get("/u/{token}", response_class=HTMLResponse, summary="The unsubscribe page")
+    async def unsubscribe_page(token: str, lang: str | None = None) -> Response:
+        async with unit_of_work(sessions) as session:
+            found = await load(session, token, unsubscribe=True)
+            if isinstance(found, HTMLResponse):
+                return found
+            done = await repository.has_optout(session, found.invitation_id)
+        locale = pick_locale(lang or found.locale, default_locale)
+        return _page(pages.unsubscribe(token=token, locale=locale, done=done))
+
+    @api.post(
+        "/u/{token}",
+        response_class=HTMLResponse,
+        summary="Unsubscribe (the page's button, or a mail client's RFC 8058 one-click POST)",
+    )
+    async def unsubscribe(token: str, request: Request) -> Response:
+        body = await read_body(request, MAX_FORM_BYTES)
+        one_click = b"List-Unsubscribe=One-Click" in body
+        async with unit_of_work(sessions) as session:
+            found = await load(session, token, unsubscribe=True)
+            if isinstance(found, HTMLResponse):
+                return found
+            with bound(invitation_id=str(found.invitation_id), customer_id=found.customer_id):
+                await repository.record_optout(
+                    session,
+                    found,
+                    source="one_click" if one_click else "unsubscribe_page",
+                    now=clock(),
+                )
+                log.info("opt-out recorded (%s)", "one-click" if one_click else "page")
+        on_answer()
+        try:
+            form = parse_qs(body.decode("utf-8"), max_num_fields=20)
+        except (UnicodeDecodeError, ValueError):
+            form = {}
+        locale = pick_locale((form.get("locale") or [found.locale])[0], default_locale)
+        return _page(pages.unsubscribe(token=token, locale=locale, done=True))
 
     @api.get(
         "/v1/scores",

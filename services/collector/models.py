@@ -37,6 +37,22 @@ class Invitation(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+class OptOut(Base):
+    """An unsubscribe from a survey link (one per invitation; repeated clicks change nothing).
+    ``published_at`` is the outbox marker for ``kaiku.optouts``."""
+
+    __tablename__ = "collector_optouts"
+
+    invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    optout_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    customer_id: Mapped[str] = mapped_column(String(200), index=True)
+    survey_id: Mapped[str] = mapped_column(String(100))
+    channel: Mapped[str] = mapped_column(String(10))
+    source: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
 class Response(Base):
     """One answer per invitation; a changed answer updates it (the last one counts).
     ``published_at`` is the outbox marker for ``kaiku.responses``."""

@@ -1,4 +1,5 @@
-"""Publishes stored answers to ``kaiku.responses`` (the outbox relay).
+"""Publishes stored answers to ``kaiku.responses`` and opt-outs to ``kaiku.optouts`` (the outbox
+relay).
 
 The survey page commits the answer and wakes this relay; the relay publishes every answer whose
 ``published_at`` is empty and then marks it, so an answer stored while the broker was away goes out
@@ -15,10 +16,10 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository
-from services.collector.models import Response
+from services.collector.models import OptOut, Response
 from services.common import events
 from services.common.db import unit_of_work
-from services.common.events import ResponseSubmitted, SurveyContext, utcnow
+from services.common.events import OptOutRecorded, ResponseSubmitted, SurveyContext, utcnow
 from services.common.kafka import Outgoing, Producer, is_transient
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,19 @@ def response_message(r: Response) -> Outgoing:
         ),
     )
     return Outgoing(events.RESPONSES, r.customer_id, message)
+
+
+def optout_message(o: OptOut) -> Outgoing:
+    message = OptOutRecorded(
+        optout_id=o.optout_id,
+        customer_id=o.customer_id,
+        channel="sms" if o.channel == "sms" else "email",
+        invitation_id=o.invitation_id,
+        survey_id=o.survey_id,
+        source="one_click" if o.source == "one_click" else "unsubscribe_page",
+        occurred_at=o.created_at,
+    )
+    return Outgoing(events.OPTOUTS, o.customer_id, message)
 
 
 class ResponseRelay:
@@ -88,12 +102,20 @@ class ResponseRelay:
                 pass
 
     async def publish(self, limit: int = 500) -> int:
+        """Publish one batch of each kind; returns the larger count (``limit`` means: more)."""
         async with unit_of_work(self.sessions) as session:
             rows = await repository.unpublished_responses(session, limit)
-            if not rows:
+            optouts = await repository.unpublished_optouts(session, limit)
+            if not rows and not optouts:
                 return 0
-            await self.producer.publish([response_message(r) for r in rows])
-            await repository.mark_responses_published(
-                session, [(r.response_id, r.revision) for r in rows], self.clock()
+            await self.producer.publish(
+                [response_message(r) for r in rows] + [optout_message(o) for o in optouts]
             )
-        return len(rows)
+            now = self.clock()
+            await repository.mark_responses_published(
+                session, [(r.response_id, r.revision) for r in rows], now
+            )
+            await repository.mark_optouts_published(
+                session, [o.invitation_id for o in optouts], now
+            )
+        return max(len(rows), len(optouts))

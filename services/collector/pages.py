@@ -206,6 +206,20 @@ class Pages:
             languages=self._languages(locale),
         )
 
+    def unsubscribe(self, *, token: str, locale: str, done: bool) -> str:
+        """The unsubscribe page: a confirm button (a POST), or the confirmation once done."""
+        locale = pick_locale(locale, "en")
+        t = self.strings[locale]
+        return self._render(
+            "unsubscribe.html.j2",
+            locale,
+            title=t["unsubscribed_title" if done else "unsubscribe_title"],
+            text=t["unsubscribed_text" if done else "unsubscribe_text"],
+            done=done,
+            action_url=f"/u/{quote(token, safe='')}",
+            languages=None,
+        )
+
     def message(self, *, locale: str, kind: str) -> str:
         """A notice: ``kind`` is "not_found", "expired" or "invalid"."""
         if kind not in KINDS:

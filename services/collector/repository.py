@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.collector.models import Invitation, Response
+from services.collector.models import Invitation, OptOut, Response
 
 CONTEXT_FIELDS = ("touchpoint", "channel", "team", "agent", "account_id", "case_id")
 
@@ -74,6 +74,51 @@ async def save_response(
     existing.published_at = None
     await session.flush()
     return existing
+
+
+async def record_optout(
+    session: AsyncSession, invitation: Invitation, *, source: str, now: datetime
+) -> None:
+    """Idempotent: a second click on the same link records nothing new."""
+    stmt = (
+        _insert(session)(OptOut)
+        .values(
+            invitation_id=invitation.invitation_id,
+            optout_id=uuid.uuid4(),
+            customer_id=invitation.customer_id,
+            survey_id=invitation.survey_id,
+            channel=invitation.survey_channel,
+            source=source,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["invitation_id"])
+    )
+    await session.execute(stmt)
+
+
+async def has_optout(session: AsyncSession, invitation_id: uuid.UUID) -> bool:
+    row = await session.get(OptOut, invitation_id)
+    return row is not None
+
+
+async def unpublished_optouts(session: AsyncSession, limit: int) -> list[OptOut]:
+    stmt = (
+        select(OptOut)
+        .where(OptOut.published_at.is_(None))
+        .order_by(OptOut.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def mark_optouts_published(
+    session: AsyncSession, ids: list[uuid.UUID], now: datetime
+) -> None:
+    if ids:
+        await session.execute(
+            update(OptOut).where(OptOut.invitation_id.in_(ids)).values(published_at=now)
+        )
 
 
 async def unpublished_responses(session: AsyncSession, limit: int) -> list[Response]:

@@ -201,17 +201,36 @@ class ResponseSubmitted(BaseModel):
     context: SurveyContext = Field(default_factory=SurveyContext)
 
 
+class OptOutRecorded(BaseModel):
+    """A customer asked for no more surveys on a channel. Keyed by customer id.
+
+    The collector does not hold contact details: the consumers that do (the dispatcher) resolve the
+    contact point from the invitation. ``source`` says how it was asked: the unsubscribe page, a
+    mail client's RFC 8058 one-click POST, a provider's STOP reply or bounce."""
+
+    type: Literal["optout.recorded"] = "optout.recorded"
+    optout_id: uuid.UUID
+    customer_id: Id
+    channel: SurveyChannel
+    invitation_id: uuid.UUID | None = None
+    survey_id: Id | None = None
+    source: Literal["unsubscribe_page", "one_click", "provider"]
+    occurred_at: AwareDatetime
+
+
 # One model (or tagged union) per topic. The dead-letter topic carries the original bytes.
 EventMessage = CloudEvent
 InvitationMessage = InvitationRequested
 DeliveryMessage = DeliveryRecorded
 ResponseMessage = ResponseSubmitted
+OptOutMessage = OptOutRecorded
 
 TOPIC_MODELS: dict[str, type[BaseModel]] = {
     EVENTS: CloudEvent,
     INVITATIONS: InvitationRequested,
     DELIVERIES: DeliveryRecorded,
     RESPONSES: ResponseSubmitted,
+    OPTOUTS: OptOutRecorded,
 }
 
 EVENT_BATCH: TypeAdapter[list[CloudEvent]] = TypeAdapter(list[CloudEvent])

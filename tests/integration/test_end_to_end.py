@@ -132,3 +132,57 @@ async def test_event_to_email_to_answer_to_score(
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
         assert (scores.json()["n"], scores.json()["value"]) == (1, -100.0)
     assert smtp_sink.count() == 1
+
+
+async def test_unsubscribe_by_page_and_one_click_and_bad_links(
+    kafka: KafkaSettings, postgres: DatabaseSettings, program: Program, smtp_sink: SmtpSink
+) -> None:
+    app = stack(kafka, postgres, program, smtp_sink)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with running(*app.apps.values()), client(app, PUBLIC) as http:
+        event = order_delivered("cust-unsub")
+        assert (await http.post("/v1/events", json=event, headers=auth)).status_code == 202
+        await eventually(smtp_sink.count, what="the invitation email")
+        msg = smtp_sink.messages[0]
+        unsubscribe = re.search(r"<([^>]+/u/[^>]+)>", msg["List-Unsubscribe"])
+        assert unsubscribe
+        path = urlsplit(unsubscribe.group(1)).path
+        token = path.rsplit("/", 1)[1]
+
+        async def page() -> httpx.Response | None:
+            r = await http.get(path)
+            return r if r.status_code == 200 else None
+
+        confirm = await eventually(page, timeout=10, what="the unsubscribe page")
+        assert "Peru kyselyt" in confirm.text  # Finnish, the invitation's language
+        assert f'action="/u/{token}"' in confirm.text
+        # A mail client's RFC 8058 one-click POST, then the person's own click: one opt-out.
+        one_click = await http.post(
+            path,
+            content=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert one_click.status_code == 200
+        again = await http.post(path, data={"confirm": "1", "locale": "sv"})
+        assert again.status_code == 200
+        assert "Enkäterna avslutade" in again.text
+        assert "Kyselyt peruttu" in (await http.get(path)).text
+
+        optouts = await read_topic(kafka, events.OPTOUTS, expect=2, timeout=5)
+        assert len(optouts) == 1
+        optout = json.loads(optouts[0].value)  # type: ignore[attr-defined]
+        assert (optout["customer_id"], optout["channel"], optout["source"]) == (
+            "cust-unsub",
+            "email",
+            "one_click",
+        )
+
+        # Tampered and unknown links get a clear page, never a server error.
+        tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
+        for bad in (f"/s/{tampered}", f"/u/{tampered}", "/s/not-a-token", f"/s/{token}x"):
+            r = await http.get(bad)
+            assert r.status_code == 404, bad
+            assert "text/html" in r.headers["content-type"]
+        assert (await http.post(f"/s/{tampered}", data={"score": "9"})).status_code == 404
+        scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
+        assert scores.json()["n"] == 0
