@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 from services.collector import api
@@ -15,10 +12,10 @@ from services.collector.outbox import ResponseRelay
 from services.collector.pages import Pages
 from services.common import events
 from services.common.events import InvitationRequested
-from services.common.http import bearer_auth, install_error_handlers, install_health
+from services.common.http import bearer_auth
 from services.common.kafka import ConsumerLoop, json_decoder
 from services.common.program import Program, load_program
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.common.tokens import LinkKeys
 
@@ -49,18 +46,7 @@ def create_app(
     )
     runtime.add_worker("response-relay", relay.run, relay.stop)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
-
-    app = FastAPI(title="kaiku collector", version="0.1.0", lifespan=lifespan)
-    app.state.runtime = runtime
-    install_error_handlers(app)
-    install_health(app, runtime.liveness, runtime.readiness)
+    app = service_app("kaiku collector", runtime)
     app.include_router(
         api.router(
             program=program,

@@ -15,7 +15,18 @@ class Base(DeclarativeBase):
     metadata = metadata()
 
 
-class Invitation(Base):
+class Segments:
+    """The segment columns scores are grouped by, copied from the event."""
+
+    touchpoint: Mapped[str | None] = mapped_column(String(200))
+    channel: Mapped[str | None] = mapped_column(String(200))
+    team: Mapped[str | None] = mapped_column(String(200))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    account_id: Mapped[str | None] = mapped_column(String(200))
+    case_id: Mapped[str | None] = mapped_column(String(200))
+
+
+class Invitation(Segments, Base):
     """What the survey page and the scores need to know about an invitation."""
 
     __tablename__ = "collector_invitations"
@@ -26,12 +37,6 @@ class Invitation(Base):
     metric: Mapped[str] = mapped_column(String(8))
     customer_id: Mapped[str] = mapped_column(String(200), index=True)
     locale: Mapped[str] = mapped_column(String(8))
-    touchpoint: Mapped[str | None] = mapped_column(String(200))
-    channel: Mapped[str | None] = mapped_column(String(200))
-    team: Mapped[str | None] = mapped_column(String(200))
-    agent: Mapped[str | None] = mapped_column(String(200))
-    account_id: Mapped[str | None] = mapped_column(String(200))
-    case_id: Mapped[str | None] = mapped_column(String(200))
     survey_channel: Mapped[str] = mapped_column(String(10))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
@@ -53,7 +58,7 @@ class OptOut(Base):
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
-class Response(Base):
+class Response(Segments, Base):
     """One answer per invitation; a changed answer updates it (the last one counts).
     ``published_at`` is the outbox marker for ``kaiku.responses``."""
 
@@ -68,12 +73,6 @@ class Response(Base):
     score: Mapped[int | None] = mapped_column(SmallInteger)
     comment: Mapped[str | None] = mapped_column(Text)
     locale: Mapped[str] = mapped_column(String(8))
-    touchpoint: Mapped[str | None] = mapped_column(String(200))
-    channel: Mapped[str | None] = mapped_column(String(200))
-    team: Mapped[str | None] = mapped_column(String(200))
-    agent: Mapped[str | None] = mapped_column(String(200))
-    account_id: Mapped[str | None] = mapped_column(String(200))
-    case_id: Mapped[str | None] = mapped_column(String(200))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     suspected_bot: Mapped[bool] = mapped_column(Boolean, default=False)
     first_submitted_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -8,7 +8,6 @@ when it is back, and nothing is lost between the database and Kafka.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -21,6 +20,7 @@ from services.common import events
 from services.common.db import unit_of_work
 from services.common.events import OptOutRecorded, ResponseSubmitted, SurveyContext, utcnow
 from services.common.kafka import Outgoing, Producer, is_transient
+from services.common.runtime import Worker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def optout_message(o: OptOut) -> Outgoing:
     return Outgoing(events.OPTOUTS, o.customer_id, message)
 
 
-class ResponseRelay:
+class ResponseRelay(Worker):
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
@@ -70,19 +70,10 @@ class ResponseRelay:
         poll_seconds: float = 2.0,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        super().__init__(poll_seconds)
         self.sessions = sessions
         self.producer = producer
-        self.poll_seconds = poll_seconds
         self.clock = clock
-        self._wake = asyncio.Event()
-        self._stopping = False
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -93,13 +84,9 @@ class ResponseRelay:
                 if not is_transient(exc):
                     raise
                 log.warning("response relay: transient error (%s)", type(exc).__name__)
-            if self._stopping:
+            if self.stopping:
                 return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            except TimeoutError:
-                pass
+            await self.idle()
 
     async def publish(self, limit: int = 500) -> int:
         """Publish one batch of each kind; returns the larger count (``limit`` means: more)."""

@@ -4,17 +4,46 @@ of starting and stopping, shared by the three FastAPI apps' lifespans."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI
 from sqlalchemy import MetaData
 
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, ping
+from services.common.http import install_error_handlers, install_health
 from services.common.kafka import ConsumerLoop, Producer, ensure_topics
 
 log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Base of a background worker that sleeps until woken or its poll interval passes, and that
+    finishes the round in hand when asked to stop."""
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        self.stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+
+    async def idle(self) -> None:
+        """Wait for a wake-up, a stop or the poll interval, whichever comes first."""
+        if self.stopping:
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
 
 class Runtime:
@@ -104,3 +133,22 @@ class Runtime:
     async def readiness(self) -> dict[str, bool]:
         database, broker = await asyncio.gather(ping(self.engine), self.producer.ping())
         return {"database": database, "broker": broker, **await self.liveness()}
+
+
+def service_app(title: str, runtime: Runtime) -> FastAPI:
+    """A FastAPI app whose lifespan starts and stops ``runtime``, with JSON errors, ``/healthz``,
+    ``/readyz`` and ``/metrics``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    install_health(app, runtime.liveness, runtime.readiness)
+    return app

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 from services.common import events
 from services.common.events import InvitationRequested
-from services.common.http import install_error_handlers, install_health
 from services.common.kafka import ConsumerLoop, json_decoder
 from services.common.program import Program, load_program
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.dispatcher.channels import EmailChannel
 from services.dispatcher.channels.file import FileEmailChannel
@@ -66,17 +62,6 @@ def create_app(
     )
     runtime.add_worker("scheduler", scheduler.run, scheduler.stop)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
-
-    app = FastAPI(title="kaiku dispatcher", version="0.1.0", lifespan=lifespan)
-    app.state.runtime = runtime
+    app = service_app("kaiku dispatcher", runtime)
     app.state.scheduler = scheduler
-    install_error_handlers(app)
-    install_health(app, runtime.liveness, runtime.readiness)
     return app

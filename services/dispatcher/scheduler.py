@@ -26,6 +26,7 @@ from services.common.faults import failpoint
 from services.common.kafka import Outgoing, Producer, is_transient
 from services.common.logging import bound
 from services.common.program import Program
+from services.common.runtime import Worker
 from services.dispatcher import repository
 from services.dispatcher.channels import EmailChannel, OutboundEmail, SendResult
 from services.dispatcher.config import DispatcherSettings
@@ -48,7 +49,7 @@ IN_DOUBT = Counter(
 LATENCY = Gauge("kaiku_last_send_delay_seconds", "Delay between send_at and the actual send")
 
 
-class Scheduler:
+class Scheduler(Worker):
     def __init__(
         self,
         *,
@@ -61,6 +62,7 @@ class Scheduler:
         public_url: str,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        super().__init__(settings.poll_seconds)
         self.settings = settings
         self.program = program
         self.renderer = renderer
@@ -69,21 +71,11 @@ class Scheduler:
         self.producer = producer
         self.public_url = public_url
         self.clock = clock
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._sem = asyncio.Semaphore(settings.send_concurrency)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Finish the round in hand (sends already started are completed and recorded)."""
-        self._stopping = True
-        self._wake.set()
 
     async def run(self) -> None:
         await self.recover()
-        while not self._stopping:
+        while not self.stopping:
             try:
                 claimed = await self.round()
                 await self.publish_deliveries()
@@ -93,12 +85,8 @@ class Scheduler:
                 log.warning("scheduler: transient error (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(self.settings.poll_seconds)
                 continue
-            if claimed < self.settings.claim_batch and not self._stopping:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
-                except TimeoutError:
-                    pass
+            if claimed < self.settings.claim_batch:
+                await self.idle()
 
     async def recover(self) -> None:
         now = self.clock()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
 from services.common import events
 from services.common.events import CloudEvent
-from services.common.http import bearer_auth, install_error_handlers, install_health
+from services.common.http import bearer_auth
 from services.common.kafka import ConsumerLoop, json_decoder
 from services.common.program import Program, load_program
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.common.tokens import LinkKeys
 from services.trigger import api
@@ -46,18 +43,7 @@ def create_app(
         )
     )
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop()
-
-    app = FastAPI(title="kaiku trigger", version="0.1.0", lifespan=lifespan)
-    app.state.runtime = runtime
-    install_error_handlers(app)
-    install_health(app, runtime.liveness, runtime.readiness)
+    app = service_app("kaiku trigger", runtime)
     app.include_router(
         api.router(
             runtime.producer,
