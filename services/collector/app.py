@@ -13,7 +13,7 @@ from services.collector.pages import Pages
 from services.common import events
 from services.common.events import InvitationRequested
 from services.common.http import bearer_auth
-from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
@@ -32,17 +32,11 @@ def create_app(
         name="collector", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
     relay = ResponseRelay(runtime.sessions, runtime.producer)
-    runtime.add_loop(
-        ConsumerLoop(
-            name="collector-invitations",
-            topic=events.INVITATIONS,
-            group_id=runtime.group_prefix,
-            decode=json_decoder(InvitationRequested),
-            handler=InvitationHandler(),
-            sessions=runtime.sessions,
-            producer=runtime.producer,
-            settings=settings.kafka,
-        )
+    runtime.consume(
+        "collector-invitations",
+        events.INVITATIONS,
+        json_decoder(InvitationRequested),
+        InvitationHandler(),
     )
     runtime.add_worker("response-relay", relay.run, relay.stop)
 

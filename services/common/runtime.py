@@ -16,7 +16,7 @@ from sqlalchemy import MetaData
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, ping
 from services.common.http import install_error_handlers, install_health
-from services.common.kafka import ConsumerLoop, Producer, ensure_topics
+from services.common.kafka import ConsumerLoop, Decoder, Handler, M, Producer, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,29 @@ class Runtime:
 
     def add_loop(self, loop: ConsumerLoop[Any]) -> None:
         self.loops.append(loop)
+
+    def consume(
+        self,
+        name: str,
+        topic: str,
+        decode: Decoder[M],
+        handler: Handler[M],
+        after_batch: Callable[[], None] | None = None,
+    ) -> ConsumerLoop[M]:
+        """Run ``handler`` over ``topic`` in this service's consumer group."""
+        loop = ConsumerLoop(
+            name=name,
+            topic=topic,
+            group_id=self.group_prefix,
+            decode=decode,
+            handler=handler,
+            sessions=self.sessions,
+            producer=self.producer,
+            settings=self.kafka,
+            after_batch=after_batch,
+        )
+        self.add_loop(loop)
+        return loop
 
     def add_worker(
         self,

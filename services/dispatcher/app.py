@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from services.common import events
 from services.common.events import InvitationRequested
-from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
@@ -47,18 +47,12 @@ def create_app(
         producer=runtime.producer,
         public_url=settings.links.public_url,
     )
-    runtime.add_loop(
-        ConsumerLoop(
-            name="dispatcher",
-            topic=events.INVITATIONS,
-            group_id=runtime.group_prefix,
-            decode=json_decoder(InvitationRequested),
-            handler=InvitationHandler(),
-            sessions=runtime.sessions,
-            producer=runtime.producer,
-            settings=settings.kafka,
-            after_batch=scheduler.wake,
-        )
+    runtime.consume(
+        "dispatcher",
+        events.INVITATIONS,
+        json_decoder(InvitationRequested),
+        InvitationHandler(),
+        after_batch=scheduler.wake,
     )
     runtime.add_worker("scheduler", scheduler.run, scheduler.stop)
 

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from services.common import events
 from services.common.events import CloudEvent
 from services.common.http import bearer_auth
-from services.common.kafka import ConsumerLoop, json_decoder
+from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
@@ -30,17 +30,8 @@ def create_app(
     runtime = Runtime(
         name="trigger", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
-    runtime.add_loop(
-        ConsumerLoop(
-            name="trigger",
-            topic=events.EVENTS,
-            group_id=runtime.group_prefix,
-            decode=json_decoder(CloudEvent),
-            handler=EventHandler(program, links),
-            sessions=runtime.sessions,
-            producer=runtime.producer,
-            settings=settings.kafka,
-        )
+    runtime.consume(
+        "trigger", events.EVENTS, json_decoder(CloudEvent), EventHandler(program, links)
     )
 
     app = service_app("kaiku trigger", runtime)
