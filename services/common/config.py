@@ -30,6 +30,8 @@ class KafkaSettings(BaseSettings):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # How long an HTTP ingress waits for the broker's acknowledgement before answering 503.
+    produce_timeout_seconds: float = 10.0
     # Create missing topics on start (convenient for dev; production uses `kaiku topics create`).
     create_topics: bool = True
     partitions: int = 6

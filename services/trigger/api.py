@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -122,8 +123,9 @@ def router(producer: Producer, auth: Any, max_body: int, max_events: int) -> API
             for e in batch
         ]
         try:
-            await producer.publish(messages)
-        except KafkaError as exc:
+            async with asyncio.timeout(producer.settings.produce_timeout_seconds):
+                await producer.publish(messages)
+        except (KafkaError, TimeoutError) as exc:
             log.warning(
                 "events not accepted: the broker did not acknowledge (%s)", type(exc).__name__
             )
