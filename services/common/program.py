@@ -67,6 +67,54 @@ class Trigger(_Model):
     delay: Duration = timedelta(0)
 
 
+VENDORS = ("zendesk", "hubspot", "freshdesk", "intercom", "salesforce", "servicenow", "generic")
+Vendor = Literal[
+    "zendesk", "hubspot", "freshdesk", "intercom", "salesforce", "servicenow", "generic"
+]
+# Canonical event fields a webhook mapping can fill; "attributes.NAME" fills data.attributes.NAME.
+MAPPED_FIELDS = (
+    "id",
+    "type",
+    "time",
+    "customer_id",
+    "email",
+    "phone",
+    "locale",
+    "timezone",
+    "account_id",
+    "touchpoint",
+    "channel",
+    "team",
+    "agent",
+    "case_id",
+    "do_not_survey",
+)
+
+
+class SourceConfig(_Model):
+    """How one vendor's webhook payload becomes kaiku's event (over the vendor's defaults)."""
+
+    mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Canonical field (or attributes.NAME) → dotted path into the payload item; "
+        "a value starting with '=' is a constant",
+    )
+    types: dict[str, str] = Field(
+        default_factory=dict,
+        description="The vendor's event type → kaiku event type; an empty value ignores it",
+    )
+
+    @model_validator(mode="after")
+    def _fields(self) -> SourceConfig:
+        for key in self.mapping:
+            if key not in MAPPED_FIELDS and not re.fullmatch(r"attributes\.[A-Za-z0-9_]+", key):
+                raise ValueError(
+                    f"unknown mapping field {key!r} (one of {', '.join(MAPPED_FIELDS)} "
+                    "or attributes.NAME)"
+                )
+        return self
+
+
 class Defaults(_Model):
     locale: Literal["fi", "sv", "en"] = "en"
     timezone: str = "UTC"
@@ -77,6 +125,7 @@ class Program(_Model):
     defaults: Defaults = Defaults()
     surveys: list[Survey] = Field(min_length=1)
     triggers: list[Trigger] = Field(default_factory=list)
+    sources: dict[Vendor, SourceConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Program:

@@ -15,6 +15,8 @@ from services.common.tokens import LinkKeys
 from services.trigger import api
 from services.trigger.config import TriggerSettings
 from services.trigger.handlers import EventHandler
+from services.trigger.ingress import Vendor, registry
+from services.trigger.ingress import router as webhooks
 from services.trigger.models import Base
 
 
@@ -22,6 +24,7 @@ def create_app(
     settings: CommonSettings | None = None,
     trigger: TriggerSettings | None = None,
     program: Program | None = None,
+    vendors: dict[str, Vendor] | None = None,
 ) -> FastAPI:
     settings = (settings or CommonSettings()).with_database("trigger")
     trigger = trigger or TriggerSettings()
@@ -35,6 +38,15 @@ def create_app(
     )
 
     app = service_app("kaiku trigger", runtime)
+    app.include_router(
+        webhooks.router(
+            registry.configured() if vendors is None else vendors,
+            program,
+            runtime.producer,
+            settings.http.max_body_bytes,
+            trigger.webhook_public_url,
+        )
+    )
     app.include_router(
         api.router(
             runtime.producer,

@@ -8,3 +8,6 @@ class TriggerSettings(BaseSettings):
 
     # Most CloudEvents accepted in one POST /v1/events.
     max_batch_events: int = 1000
+    # The public base URL vendors call webhooks on (https://kaiku.example.com), when a proxy in
+    # front changes scheme or host: HubSpot signs the full URL.
+    webhook_public_url: str | None = None

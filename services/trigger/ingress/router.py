@@ -1,0 +1,158 @@
+"""``POST /v1/webhooks/{source}``: the vendors' own webhooks, verified, mapped and put on Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import Counter
+
+from services.common import events
+from services.common.events import CloudEvent, utcnow
+from services.common.http import ApiError, ErrorResponse, read_body
+from services.common.kafka import Outgoing, Producer
+from services.common.program import Program
+from services.trigger.ingress import Vendor, WebhookError, WebhookRequest
+from services.trigger.ingress.mapping import Ignored, Unmappable, to_event
+
+log = logging.getLogger(__name__)
+
+WEBHOOKS = Counter(
+    "kaiku_webhooks_total", "Webhook requests by source and outcome", ["source", "outcome"]
+)
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Malformed payload",
+        401: "Missing, forged or stale signature",
+        404: "Unknown or unconfigured source",
+        413: "Body too large",
+        415: "Not the content type the vendor sends",
+        503: "The broker did not acknowledge; retry later",
+    }.items()
+}
+
+
+def _dead_letter(vendor: str, item_id: str | None, reason: str, body: bytes) -> Outgoing:
+    headers = (
+        ("kaiku-dlq-reason", reason.encode()),
+        ("kaiku-dlq-error", b"Unmappable"),
+        ("kaiku-dlq-topic", f"webhook:{vendor}".encode()),
+        ("kaiku-dlq-consumer", b"trigger-webhooks"),
+    )
+    return Outgoing(events.DLQ, item_id or vendor, body, headers)
+
+
+def router(
+    vendors: dict[str, Vendor],
+    program: Program,
+    producer: Producer,
+    max_body: int,
+    public_url: str | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> APIRouter:
+    api = APIRouter()
+
+    @api.post(
+        "/v1/webhooks/{source}",
+        status_code=202,
+        responses=RESPONSES,
+        summary="A vendor's native webhook (zendesk, hubspot, freshdesk, intercom, salesforce, "
+        "servicenow, generic)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {}},
+                    "text/xml": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def webhook(source: str, request: Request) -> Response:
+        vendor = vendors.get(source)
+        if vendor is None:
+            raise ApiError(
+                404, "unknown_source", f"no webhook source {source!r} is configured", "source"
+            )
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in vendor.CONTENT_TYPES:
+            WEBHOOKS.labels(source=source, outcome="unsupported_media_type").inc()
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"{source} sends {' or '.join(vendor.CONTENT_TYPES)}, not {ctype or 'nothing'}",
+            )
+        body = await read_body(request, max_body)
+        url = str(request.url)
+        if public_url:  # as the vendor called it, in front of proxies (signatures cover it)
+            url = (
+                public_url.rstrip("/")
+                + request.url.path
+                + (f"?{request.url.query}" if request.url.query else "")
+            )
+        webhook_request = WebhookRequest(request.method, url, request.headers, body, clock())
+        try:
+            vendor.verify(webhook_request)
+            items = vendor.items(webhook_request)
+        except WebhookError as exc:
+            WEBHOOKS.labels(source=source, outcome=exc.code).inc()
+            log.warning("webhook from %s refused: %s", source, exc.message)
+            raise ApiError(exc.status, exc.code, exc.message) from None
+
+        config = program.sources.get(source)  # type: ignore[call-overload]
+        accepted: list[CloudEvent] = []
+        ignored: list[str | None] = []
+        dead: list[Unmappable] = []
+        for item in items:
+            result = to_event(vendor, item, config)
+            if isinstance(result, CloudEvent):
+                accepted.append(result)
+            elif isinstance(result, Ignored):
+                ignored.append(result.vendor_type)
+            else:
+                dead.append(result)
+        messages = [
+            Outgoing(
+                events.EVENTS,
+                e.customer_id,
+                e,
+                (("content-type", b"application/cloudevents+json"),),
+            )
+            for e in accepted
+        ] + [_dead_letter(source, d.event_id, d.reason, body) for d in dead]
+        try:
+            async with asyncio.timeout(producer.settings.produce_timeout_seconds):
+                await producer.publish(messages)
+        except (KafkaError, TimeoutError):
+            WEBHOOKS.labels(source=source, outcome="unavailable").inc()
+            raise ApiError(
+                503,
+                "unavailable",
+                "the event store is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            ) from None
+        WEBHOOKS.labels(source=source, outcome="accepted").inc()
+        for d in dead:
+            log.warning("webhook item from %s dead-lettered: %s", source, d.reason)
+        ids = [e.id for e in accepted]
+        custom = vendor.acknowledge(ids)
+        if custom is not None:
+            return custom
+        return JSONResponse(
+            {
+                "accepted": ids,
+                "ignored": len(ignored),
+                "dead_lettered": [{"id": d.event_id, "reason": d.reason} for d in dead],
+            },
+            status_code=202,
+        )
+
+    return api
