@@ -38,7 +38,7 @@ async def get_json(
             response = await http.get(url, headers=headers, auth=auth, params=params)
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__} calling {httpx.URL(url).host}"
-            wait = min(max_wait, 0.2 * 2**attempt * (0.5 + random.random()))
+            wait = min(max_wait, 0.2 * 2.0**attempt * (0.5 + random.random()))
         else:
             if response.status_code == 404:
                 return None
@@ -62,10 +62,10 @@ async def get_json(
 def _retry_after(value: str | None, attempt: int, max_wait: float) -> float:
     if value is not None:
         try:
-            return min(max_wait, max(0.0, float(value)))
+            return float(min(max_wait, max(0.0, float(value))))
         except ValueError:
             pass
-    return min(max_wait, 0.2 * 2**attempt * (0.5 + random.random()))
+    return min(max_wait, 0.2 * 2.0**attempt * (0.5 + random.random()))
 
 
 class TtlCache(Generic[V]):
