@@ -85,7 +85,7 @@ def router(
             return message("not_found", 404)
         if unsubscribe:  # unsubscribe links work for as long as the invitation is kept
             return invitation
-        if invitation.expires_at <= clock():
+        if invitation.expires_at <= clock() or invitation.cancelled_at is not None:
             return message("expired", 410, invitation.locale)
         if invitation.survey_id not in {s.id for s in program.surveys}:
             return message("not_found", 404, invitation.locale)

@@ -11,7 +11,7 @@ from services.collector.models import Base
 from services.collector.outbox import ResponseRelay
 from services.collector.pages import Pages
 from services.common import events
-from services.common.events import InvitationRequested
+from services.common.events import INVITATION_MESSAGE
 from services.common.http import bearer_auth
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
@@ -35,7 +35,7 @@ def create_app(
     runtime.consume(
         "collector-invitations",
         events.INVITATIONS,
-        json_decoder(InvitationRequested),
+        json_decoder(INVITATION_MESSAGE),
         InvitationHandler(),
     )
     runtime.add_worker("response-relay", relay.run, relay.stop)

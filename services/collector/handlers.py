@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector import repository
-from services.common.events import InvitationRequested, utcnow
+from services.common.events import InvitationCancelled, InvitationRequested, utcnow
 from services.common.kafka import HandlerResult, Incoming
 
 
@@ -18,12 +18,18 @@ class InvitationHandler:
     clock: Callable[[], datetime] = utcnow
 
     async def __call__(
-        self, batch: list[Incoming[InvitationRequested]], session: AsyncSession
+        self,
+        batch: list[Incoming[InvitationRequested | InvitationCancelled]],
+        session: AsyncSession,
     ) -> HandlerResult:
         now = self.clock()
         rows = {}
+        cancelled = []
         for item in batch:
             inv = item.message
+            if isinstance(inv, InvitationCancelled):
+                cancelled.append(inv.invitation_id)
+                continue
             rows[inv.invitation_id] = {
                 "invitation_id": inv.invitation_id,
                 "token": inv.token,
@@ -37,4 +43,5 @@ class InvitationHandler:
                 **{f: getattr(inv.context, f) for f in repository.CONTEXT_FIELDS},
             }
         await repository.store_invitations(session, list(rows.values()))
+        await repository.cancel_invitations(session, cancelled, now)
         return HandlerResult()

@@ -39,6 +39,8 @@ class Invitation(Segments, Base):
     locale: Mapped[str] = mapped_column(String(8))
     survey_channel: Mapped[str] = mapped_column(String(10))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Set when the trigger cancelled the invitation (its case reopened, a newer one replaced it).
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 

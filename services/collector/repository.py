@@ -30,6 +30,13 @@ async def store_invitations(session: AsyncSession, rows: list[dict[str, Any]]) -
         await session.execute(stmt)
 
 
+async def cancel_invitations(session: AsyncSession, ids: list[uuid.UUID], now: datetime) -> None:
+    if ids:
+        await session.execute(
+            update(Invitation).where(Invitation.invitation_id.in_(ids)).values(cancelled_at=now)
+        )
+
+
 async def invitation_by_token(session: AsyncSession, token: str) -> Invitation | None:
     return (
         await session.execute(select(Invitation).where(Invitation.token == token))

@@ -165,6 +165,26 @@ class InvitationRequested(BaseModel):
     context: SurveyContext = Field(default_factory=SurveyContext)
 
 
+class InvitationCancelled(BaseModel):
+    """A pending invitation must not be sent (its case was reopened, a newer one replaced it, the
+    customer opted out). Keyed by customer id, so it follows its request on the same partition."""
+
+    type: Literal["invitation.cancelled"] = "invitation.cancelled"
+    invitation_id: uuid.UUID
+    customer_id: Id
+    survey_id: Id
+    reason: str
+    event_id: Id | None = None
+    cancelled_at: AwareDatetime
+
+
+InvitationMessage = Annotated[
+    InvitationRequested | InvitationCancelled, Field(discriminator="type")
+]
+INVITATION_MESSAGE: TypeAdapter[InvitationRequested | InvitationCancelled] = TypeAdapter(
+    InvitationMessage
+)
+
 DeliveryStatus = Literal["sent", "failed", "in_doubt"]
 
 
@@ -220,14 +240,13 @@ class OptOutRecorded(BaseModel):
 
 # One model (or tagged union) per topic. The dead-letter topic carries the original bytes.
 EventMessage = CloudEvent
-InvitationMessage = InvitationRequested
 DeliveryMessage = DeliveryRecorded
 ResponseMessage = ResponseSubmitted
 OptOutMessage = OptOutRecorded
 
-TOPIC_MODELS: dict[str, type[BaseModel]] = {
+TOPIC_MODELS: dict[str, Any] = {
     EVENTS: CloudEvent,
-    INVITATIONS: InvitationRequested,
+    INVITATIONS: InvitationMessage,
     DELIVERIES: DeliveryRecorded,
     RESPONSES: ResponseSubmitted,
     OPTOUTS: OptOutRecorded,

@@ -40,7 +40,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
 )
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -125,14 +125,16 @@ def validation_reason(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def json_decoder(model: type[BaseModel]) -> Decoder[Any]:
-    """Decode a structured JSON record into ``model``; anything else is an invalid message."""
+def json_decoder(model: type[BaseModel] | TypeAdapter[Any]) -> Decoder[Any]:
+    """Decode a structured JSON record into ``model`` (a model or a TypeAdapter of a tagged
+    union); anything else is an invalid message."""
+    validate = model.validate_json if isinstance(model, TypeAdapter) else model.model_validate_json
 
     def decode(record: ConsumerRecord) -> Any:
         if record.value is None:
             raise InvalidMessage("empty message value")
         try:
-            return model.model_validate_json(record.value)
+            return validate(record.value)
         except ValidationError as exc:
             if any(e["type"] == "json_invalid" for e in exc.errors()):
                 raise InvalidMessage(f"malformed JSON: {exc.errors()[0]['msg']}") from exc

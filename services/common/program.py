@@ -60,11 +60,95 @@ class Survey(_Model):
         return METRIC_RANGES[self.metric]
 
 
+OPERATORS = ("eq", "ne", "in", "not_in", "exists", "gt", "gte", "lt", "lte", "matches")
+Scalar = str | int | float | bool
+
+
+class Condition(_Model):
+    """One test on an event field: ``{field: data.team, eq: billing}``. Exactly one operator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    field: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$",
+            description="Dotted path into the event, e.g. data.team",
+        ),
+    ]
+    eq: Scalar | None = None
+    ne: Scalar | None = None
+    in_: list[Scalar] | None = Field(default=None, alias="in")
+    not_in: list[Scalar] | None = None
+    exists: bool | None = None
+    gt: Scalar | None = None
+    gte: Scalar | None = None
+    lt: Scalar | None = None
+    lte: Scalar | None = None
+    matches: str | None = Field(default=None, description="A regular expression (search)")
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> Condition:
+        given = [op for op in OPERATORS if getattr(self, "in_" if op == "in" else op) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a condition needs exactly one operator of {', '.join(OPERATORS)}"
+                + (f" (it has {', '.join(given)})" if given else "")
+            )
+        if self.matches is not None:
+            try:
+                re.compile(self.matches)
+            except re.error as exc:
+                raise ValueError(f"matches: not a regular expression: {exc}") from None
+        return self
+
+    @property
+    def operator(self) -> str:
+        return next(
+            op for op in OPERATORS if getattr(self, "in_" if op == "in" else op) is not None
+        )
+
+    @property
+    def operand(self) -> Any:
+        return getattr(self, "in_" if self.operator == "in" else self.operator)
+
+
+class AllOf(_Model):
+    all: list[When] = Field(min_length=1)
+
+
+class AnyOf(_Model):
+    any: list[When] = Field(min_length=1)
+
+
+When = Condition | AllOf | AnyOf
+
+
 class Trigger(_Model):
     id: Slug
     event: Annotated[str, Field(min_length=1, max_length=200)]
     survey: Slug
-    delay: Duration = timedelta(0)
+    delay: Duration = Field(default=timedelta(0), description="Wait after the event's time")
+    when: When | list[When] | None = Field(
+        default=None, description="Conditions on event fields; a list means all of them"
+    )
+    cancel_on: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Event types that cancel a pending invitation of this trigger for the same "
+        "case (a reopened ticket cancels its CSAT)",
+    )
+    sample: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="Share of customers in; stable: one customer is always in or out"
+    )
+    coalesce: Duration | None = Field(
+        default=None,
+        description="Qualifying events for one customer within this window give one invitation, "
+        "about the latest case",
+    )
+    priority: int = Field(
+        default=0,
+        description="When several surveys qualify for a customer at once, the highest wins",
+    )
 
 
 VENDORS = ("zendesk", "hubspot", "freshdesk", "intercom", "salesforce", "servicenow", "generic")
@@ -162,6 +246,9 @@ class Program(_Model):
 
     def triggers_for(self, event_type: str) -> list[Trigger]:
         return [t for t in self.triggers if t.event == event_type]
+
+    def cancelled_by(self, event_type: str) -> list[Trigger]:
+        return [t for t in self.triggers if event_type in t.cancel_on]
 
 
 class _LocatedError(ValueError):

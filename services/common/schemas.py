@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from services.common import events
 from services.common.program import Program
@@ -14,8 +14,11 @@ from services.common.program import Program
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def _schema(model: type[BaseModel], schema_id: str, title: str) -> dict[str, Any]:
-    schema = model.model_json_schema(mode="validation")
+def _schema(model: Any, schema_id: str, title: str) -> dict[str, Any]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        schema = model.model_json_schema(mode="validation")
+    else:
+        schema = TypeAdapter(model).json_schema(mode="validation")
     return {"$schema": DRAFT, "$id": schema_id, **schema, "title": title}
 
 
@@ -25,7 +28,7 @@ def documents() -> dict[str, dict[str, Any]]:
         docs[f"topic.{topic}.schema.json"] = _schema(
             model,
             f"https://kaiku.dev/schemas/topic.{topic}.schema.json",
-            f"kaiku.{topic}: {model.__name__}",
+            f"kaiku.{topic}: {getattr(model, '__name__', 'one of ' + topic)}",
         )
     docs["program.schema.json"] = _schema(
         Program, "https://kaiku.dev/schemas/program.schema.json", "kaiku survey program"

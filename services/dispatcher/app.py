@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.common import events
-from services.common.events import InvitationRequested
+from services.common.events import INVITATION_MESSAGE
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
@@ -50,7 +50,7 @@ def create_app(
     runtime.consume(
         "dispatcher",
         events.INVITATIONS,
-        json_decoder(InvitationRequested),
+        json_decoder(INVITATION_MESSAGE),
         InvitationHandler(),
         after_batch=scheduler.wake,
     )

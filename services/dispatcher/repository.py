@@ -32,6 +32,17 @@ async def schedule(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
     return len((await session.execute(stmt)).all())
 
 
+async def cancel(session: AsyncSession, ids: list[uuid.UUID], *, reason: str, now: datetime) -> int:
+    """Cancel sends that have not started; one already sending or sent is left as it is."""
+    stmt = (
+        update(Send)
+        .where(Send.invitation_id.in_(ids), Send.status == "pending")
+        .values(status="cancelled", reason=f"cancelled: {reason}", finished_at=now)
+        .returning(Send.invitation_id)
+    )
+    return len((await session.execute(stmt)).all())
+
+
 async def claim_due(
     session: AsyncSession, *, now: datetime, limit: int, instance: str
 ) -> list[Send]:

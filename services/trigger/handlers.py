@@ -1,22 +1,31 @@
-"""The trigger worker: events in, invitations out, every decision in the ledger."""
+"""The trigger worker: events in, invitations (and cancellations) out, every decision in the
+ledger.
+
+Per batch: claim the events (dedupe on source + id; an event seen before publishes again what it
+published the first time), evaluate the rules (pure), let the highest priority win per customer,
+then apply what needs state — ``cancel_on`` and coalescing — against the trigger's invitations
+table, all in one transaction with a handful of statements for the whole batch.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common import events
-from services.common.events import CloudEvent, utcnow
+from services.common.events import CloudEvent, InvitationCancelled, utcnow
 from services.common.kafka import HandlerResult, Incoming, Outgoing
 from services.common.program import Program
 from services.common.tokens import LinkKeys
 from services.trigger import repository, rules
+from services.trigger.repository import EventKey
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,20 @@ def _restored(item: dict[str, Any]) -> Outgoing:
 
 
 @dataclass
+class _Pending:
+    """An invitation as the batch sees it: from the table, or issued earlier in this batch."""
+
+    invitation_id: Any
+    customer_id: str
+    trigger_id: str
+    survey_id: str
+    case_id: str | None
+    send_at: datetime
+    created_at: datetime
+    cancelled: bool = False
+
+
+@dataclass
 class EventHandler:
     program: Program
     links: LinkKeys
@@ -41,12 +64,11 @@ class EventHandler:
         self, batch: list[Incoming[CloudEvent]], session: AsyncSession
     ) -> HandlerResult:
         now = self.clock()
-        # The first copy of an event in a batch counts; later copies are duplicates.
-        unique: dict[repository.EventKey, CloudEvent] = {}
-        for item in batch:
+        unique: dict[EventKey, CloudEvent] = {}
+        for item in batch:  # the first copy of an event in a batch counts
             unique.setdefault((item.message.source, item.message.id), item.message)
-        seen = await repository.processed(session, list(unique))
         publish: list[Outgoing] = []
+        seen = await repository.processed(session, list(unique))
         for key in seen:
             log.info(
                 "event %s from %s was processed before: publishing its result again", key[1], key[0]
@@ -54,44 +76,223 @@ class EventHandler:
             publish.extend(_restored(i) for i in seen[key])
 
         fresh = {k: e for k, e in unique.items() if k not in seen}
-        markers: list[dict[str, Any]] = []
-        decisions: list[dict[str, Any]] = []
-        outputs: dict[repository.EventKey, list[Outgoing]] = {}
-        for key, event in fresh.items():
-            out: list[Outgoing] = []
-            for outcome in rules.evaluate(self.program, event, now, self.links.issue):
-                if outcome.invitation is not None:
-                    out.append(Outgoing(events.INVITATIONS, event.customer_id, outcome.invitation))
-                decisions.append(_decision_row(event, outcome, now))
-            outputs[key] = out
-            markers.append(
+        won = await repository.mark_processed(
+            session,
+            [
                 {
-                    "source": event.source,
-                    "event_id": event.id,
-                    "customer_id": event.customer_id,
-                    "event_type": event.type,
+                    "source": e.source,
+                    "event_id": e.id,
+                    "customer_id": e.customer_id,
+                    "event_type": e.type,
                     "processed_at": now,
-                    "published": [_stored(m) for m in out],
+                    "published": [],
                 }
-            )
-        won = await repository.mark_processed(session, markers)
+                for e in fresh.values()
+            ],
+        )
         lost = [k for k in fresh if k not in won]
         if lost:  # another consumer handled these concurrently: publish what it stored
             again = await repository.processed(session, lost)
             for key in lost:
                 publish.extend(_restored(i) for i in again.get(key, []))
-        await repository.record_decisions(
-            session, [d for d in decisions if (d["event_source"], d["event_id"]) in won]
+        mine = [e for k, e in fresh.items() if k in won]
+        if not mine:
+            return HandlerResult(publish=publish)
+
+        outputs, decisions, new, cancelled = await self._decide(session, mine, now)
+        await repository.add_invitations(session, new)
+        await repository.mark_cancelled(session, cancelled, now)
+        await repository.record_decisions(session, decisions)
+        await repository.set_published(
+            session,
+            [
+                {
+                    "source": e.source,
+                    "event_id": e.id,
+                    "published": [_stored(m) for m in outputs[(e.source, e.id)]],
+                }
+                for e in mine
+            ],
         )
-        for key in won:
-            publish.extend(outputs[key])
+        for e in mine:
+            publish.extend(outputs[(e.source, e.id)])
         for d in decisions:
-            if (d["event_source"], d["event_id"]) in won:
-                DECISIONS.labels(decision=d["decision"], reason=d["reason"]).inc()
+            DECISIONS.labels(decision=d["decision"], reason=d["reason"]).inc()
         return HandlerResult(publish=publish)
 
+    async def _decide(
+        self, session: AsyncSession, batch: list[CloudEvent], now: datetime
+    ) -> tuple[
+        dict[EventKey, list[Outgoing]], list[dict[str, Any]], list[dict[str, Any]], list[Any]
+    ]:
+        outcomes = {
+            (e.source, e.id): rules.evaluate(self.program, e, now, self.links.issue) for e in batch
+        }
+        self._prefer_priority(batch, outcomes)
 
-def _decision_row(event: CloudEvent, outcome: rules.Outcome, now: datetime) -> dict[str, Any]:
+        window = max(
+            (t.coalesce for t in self.program.triggers if t.coalesce), default=timedelta(0)
+        )
+        state: dict[str, list[_Pending]] = defaultdict(list)
+        earliest = min((e.time or now) for e in batch)
+        for row in await repository.recent_invitations(
+            session, sorted({e.customer_id for e in batch}), earliest - window, now
+        ):
+            state[row.customer_id].append(
+                _Pending(
+                    row.invitation_id,
+                    row.customer_id,
+                    row.trigger_id,
+                    row.survey_id,
+                    row.case_id,
+                    row.send_at,
+                    row.created_at,
+                    row.cancelled_at is not None,
+                )
+            )
+
+        outputs: dict[EventKey, list[Outgoing]] = {}
+        decisions: list[dict[str, Any]] = []
+        new: list[dict[str, Any]] = []
+        cancelled: list[Any] = []
+
+        def cancel(p: _Pending, event: CloudEvent, reason: str, out: list[Outgoing]) -> None:
+            p.cancelled = True
+            cancelled.append(p.invitation_id)
+            out.append(
+                Outgoing(
+                    events.INVITATIONS,
+                    p.customer_id,
+                    InvitationCancelled(
+                        invitation_id=p.invitation_id,
+                        customer_id=p.customer_id,
+                        survey_id=p.survey_id,
+                        reason=reason,
+                        event_id=event.id,
+                        cancelled_at=now,
+                    ),
+                )
+            )
+            decisions.append(
+                _row(
+                    event,
+                    rules.Outcome(
+                        "cancelled",
+                        reason,
+                        detail={
+                            "invitation_id": str(p.invitation_id),
+                            "trigger_id": p.trigger_id,
+                            "survey_id": p.survey_id,
+                            "case_id": p.case_id,
+                        },
+                    ),
+                    now,
+                )
+            )
+
+        for event in batch:
+            out: list[Outgoing] = []
+            mine = state[event.customer_id]
+            # cancel_on: a reopened ticket cancels the pending invitation about the same case.
+            for cancelling in self.program.cancelled_by(event.type):
+                for p in mine:
+                    if (
+                        p.trigger_id == cancelling.id
+                        and not p.cancelled
+                        and p.send_at > now
+                        and (event.data.case_id is None or p.case_id == event.data.case_id)
+                    ):
+                        cancel(p, event, f"cancel_on:{event.type}", out)
+            for outcome in outcomes[(event.source, event.id)]:
+                trigger, invitation = outcome.trigger, outcome.invitation
+                if invitation is not None and trigger is not None and trigger.coalesce:
+                    at = event.time or now
+                    earlier = [
+                        p
+                        for p in mine
+                        if p.trigger_id == trigger.id
+                        and not p.cancelled
+                        and p.created_at >= at - trigger.coalesce
+                    ]
+                    if any(p.send_at <= now for p in earlier):
+                        last = max(p.created_at for p in earlier if p.send_at <= now)
+                        outcome = replace(
+                            outcome,
+                            decision="skipped",
+                            reason="coalesced",
+                            invitation=None,
+                            next_eligible_at=last + trigger.coalesce,
+                            detail={"window": str(trigger.coalesce)},
+                        )
+                    else:
+                        for p in earlier:  # the newer case replaces the pending one
+                            cancel(p, event, "coalesced", out)
+                if outcome.invitation is not None and trigger is not None:
+                    inv = outcome.invitation
+                    out.append(Outgoing(events.INVITATIONS, event.customer_id, inv))
+                    created = event.time if event.time and event.time <= now else now
+                    mine.append(
+                        _Pending(
+                            inv.invitation_id,
+                            event.customer_id,
+                            trigger.id,
+                            inv.survey_id,
+                            event.data.case_id,
+                            inv.send_at,
+                            created,
+                        )
+                    )
+                    new.append(
+                        {
+                            "invitation_id": inv.invitation_id,
+                            "customer_id": event.customer_id,
+                            "trigger_id": trigger.id,
+                            "survey_id": inv.survey_id,
+                            "case_id": event.data.case_id,
+                            "event_id": event.id,
+                            "send_at": inv.send_at,
+                            "created_at": created,
+                            "cancelled_at": None,
+                        }
+                    )
+                decisions.append(_row(event, outcome, now))
+            outputs[(event.source, event.id)] = out
+        return outputs, decisions, new, cancelled
+
+    def _prefer_priority(
+        self, batch: list[CloudEvent], outcomes: dict[EventKey, list[rules.Outcome]]
+    ) -> None:
+        """When several surveys qualify for one customer at once (one event, or one batch), the
+        highest priority wins; the others are skipped with that reason."""
+        best: dict[str, int] = {}
+        for e in batch:
+            for o in outcomes[(e.source, e.id)]:
+                if o.decision == "invited" and o.trigger is not None:
+                    best[e.customer_id] = max(
+                        best.get(e.customer_id, o.trigger.priority), o.trigger.priority
+                    )
+        for e in batch:
+            key = (e.source, e.id)
+            outcomes[key] = [
+                replace(
+                    o,
+                    decision="skipped",
+                    reason="lower_priority",
+                    invitation=None,
+                    detail={
+                        "priority": o.trigger.priority,
+                        "winning_priority": best[e.customer_id],
+                    },
+                )
+                if o.decision == "invited"
+                and o.trigger is not None
+                and o.trigger.priority < best[e.customer_id]
+                else o
+                for o in outcomes[key]
+            ]
+
+
+def _row(event: CloudEvent, outcome: rules.Outcome, now: datetime) -> dict[str, Any]:
     return {
         "customer_id": event.customer_id,
         "account_id": event.data.customer.account_id,
@@ -104,6 +305,6 @@ def _decision_row(event: CloudEvent, outcome: rules.Outcome, now: datetime) -> d
         "reason": outcome.reason,
         "detail": outcome.detail,
         "invitation_id": outcome.invitation.invitation_id if outcome.invitation else None,
-        "next_eligible_at": None,
+        "next_eligible_at": outcome.next_eligible_at,
         "decided_at": now,
     }

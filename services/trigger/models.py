@@ -51,3 +51,22 @@ class Decision(Base):
     invitation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     next_eligible_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Invitation(Base):
+    """Invitations this trigger issued, for coalescing and ``cancel_on``: which are still
+    pending (``send_at`` in the future) and which case they are about."""
+
+    __tablename__ = "trigger_invitations"
+    __table_args__ = (Index(None, "customer_id", "trigger_id", "created_at"),)
+
+    invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    customer_id: Mapped[str] = mapped_column(String(200))
+    trigger_id: Mapped[str] = mapped_column(String(100))
+    survey_id: Mapped[str] = mapped_column(String(100))
+    case_id: Mapped[str | None] = mapped_column(String(200))
+    event_id: Mapped[str] = mapped_column(String(200))
+    send_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The time of the event that caused it (the coalescing window counts from here).
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

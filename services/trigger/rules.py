@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from services.common.events import CloudEvent, InvitationRequested, SurveyChannel, SurveyContext
-from services.common.program import SUPPORTED_LOCALES, Program, Survey, Trigger
+from services.common.program import (
+    SUPPORTED_LOCALES,
+    AllOf,
+    AnyOf,
+    Program,
+    Survey,
+    Trigger,
+    When,
+)
 
 INVITATION_NAMESPACE = uuid.UUID("6f4a3c1e-8b2d-5e7f-9a1b-0c2d3e4f5a6b")
 
-DecisionKind = Literal["invited", "skipped", "ignored"]
+DecisionKind = Literal["invited", "skipped", "ignored", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,7 @@ class Outcome:
     survey: Survey | None = None
     invitation: InvitationRequested | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    next_eligible_at: datetime | None = None
 
 
 def invitation_id(event: CloudEvent, trigger: Trigger) -> uuid.UUID:
@@ -46,6 +57,82 @@ def pick_channel(event: CloudEvent, survey: Survey) -> SurveyChannel | None:
     return None
 
 
+_MISSING = object()
+
+
+def field_value(event: Mapping[str, Any], path: str) -> Any:
+    node: Any = event
+    for part in path.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _compare(op: str, value: Any, operand: Any) -> bool:
+    # Numbers compare as numbers, everything else as text (ISO times order correctly as text).
+    if isinstance(operand, bool) or isinstance(value, bool):
+        return False
+    if isinstance(operand, int | float):
+        try:
+            left: Any = float(value)
+        except (TypeError, ValueError):
+            return False
+        right: Any = float(operand)
+    else:
+        left, right = str(value), str(operand)
+    return bool(
+        {"gt": left > right, "gte": left >= right, "lt": left < right, "lte": left <= right}[op]
+    )
+
+
+def _equal(value: Any, operand: Any) -> bool:
+    if isinstance(operand, bool) or isinstance(value, bool):
+        return value is operand
+    if isinstance(operand, int | float) and not isinstance(value, str):
+        return bool(value == operand)
+    return str(value) == str(operand)
+
+
+def holds(condition: When | list[When], event: Mapping[str, Any]) -> bool:
+    """Whether the event (as a JSON-like dict) satisfies the condition tree."""
+    if isinstance(condition, list):
+        return all(holds(c, event) for c in condition)
+    if isinstance(condition, AllOf):
+        return all(holds(c, event) for c in condition.all)
+    if isinstance(condition, AnyOf):
+        return any(holds(c, event) for c in condition.any)
+    value = field_value(event, condition.field)
+    present = value is not _MISSING and value is not None
+    op, operand = condition.operator, condition.operand
+    if op == "exists":
+        return present is operand
+    if not present:
+        return op in ("ne", "not_in")
+    if op == "eq":
+        return _equal(value, operand)
+    if op == "ne":
+        return not _equal(value, operand)
+    if op == "in":
+        return any(_equal(value, o) for o in operand)
+    if op == "not_in":
+        return not any(_equal(value, o) for o in operand)
+    if op == "matches":
+        return isinstance(value, str) and re.search(operand, value) is not None
+    return _compare(op, value, operand)
+
+
+def sampled_in(trigger: Trigger, customer_id: str) -> bool:
+    """Stable: a customer's place in [0, 1) depends only on the trigger and the customer."""
+    if trigger.sample >= 1:
+        return True
+    digest = hashlib.sha256(f"{trigger.id}\x1f{customer_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < trigger.sample
+
+
 def evaluate(
     program: Program, event: CloudEvent, now: datetime, issue_token: Callable[[], str]
 ) -> list[Outcome]:
@@ -56,8 +143,21 @@ def evaluate(
     if event.data.do_not_survey:
         return [Outcome("skipped", "do_not_survey", t, program.survey(t.survey)) for t in triggers]
     outcomes = []
+    doc: dict[str, Any] | None = None
     for trigger in triggers:
         survey = program.survey(trigger.survey)
+        if trigger.when is not None:
+            doc = doc if doc is not None else event.model_dump(mode="json")
+            if not holds(trigger.when, doc):
+                outcomes.append(Outcome("skipped", "conditions_not_met", trigger, survey))
+                continue
+        if not sampled_in(trigger, event.customer_id):
+            outcomes.append(
+                Outcome(
+                    "skipped", "not_sampled", trigger, survey, detail={"sample": trigger.sample}
+                )
+            )
+            continue
         channel = pick_channel(event, survey)
         if channel is None:
             outcomes.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 
 import pytest
@@ -79,7 +80,7 @@ async def test_the_tolerance_window_is_a_setting() -> None:
     old = int(time.time()) - 1000
     r = await post(app_with({"generic": vendor()}), PATH, BODY, headers(ts=old))
     assert r.status_code == 401
-    assert "1000s old" in error(r)["message"]
+    assert re.search(r"\b10\d\ds old; the tolerance is 300s", error(r)["message"])
     lenient = Generic(GenericSettings(webhook_secret=SECRET, tolerance_seconds=1200))
     r = await post(app_with({"generic": lenient}), PATH, BODY, headers(ts=old))
     assert r.status_code == 503  # past the signature check: it tried to publish
