@@ -293,6 +293,8 @@ class ConsumerLoop(Generic[M]):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._stopping = asyncio.Event()
+        self.error = None
         self._consumer = AIOKafkaConsumer(
             self.settings.topic(self.topic),
             **_client_kwargs(self.settings),
