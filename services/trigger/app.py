@@ -7,13 +7,13 @@ from fastapi import FastAPI
 from services.common import events
 from services.common.events import CloudEvent
 from services.common.http import bearer_auth
-from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.common.tokens import LinkKeys
 from services.trigger import api
 from services.trigger.config import TriggerSettings
+from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
 from services.trigger.ingress import Vendor, registry
 from services.trigger.ingress import router as webhooks
@@ -33,9 +33,7 @@ def create_app(
     runtime = Runtime(
         name="trigger", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
-    runtime.consume(
-        "trigger", events.EVENTS, json_decoder(CloudEvent), EventHandler(program, links)
-    )
+    runtime.consume("trigger", events.EVENTS, decode_event, EventHandler(program, links))
 
     app = service_app("kaiku trigger", runtime)
     app.include_router(

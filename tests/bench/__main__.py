@@ -26,11 +26,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_tables
-from services.common.kafka import ConsumerLoop, ensure_topics, json_decoder
+from services.common.kafka import ConsumerLoop, ensure_topics
 from services.common.program import load_program
 from services.common.runtime import Runtime
 from services.common.tokens import LinkKeys
 from services.embedded import EmbeddedBroker
+from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
 from services.trigger.models import Base as TriggerBase
 
@@ -136,7 +137,7 @@ async def trigger_loop(kafka: KafkaSettings, database: DatabaseSettings, n: int)
         name="bench-trigger",
         topic=events.EVENTS,
         group_id=f"bench-{uuid.uuid4().hex[:6]}",
-        decode=json_decoder(events.CloudEvent),
+        decode=decode_event,
         handler=EventHandler(
             load_program(ROOT / "deploy/local/program.yaml"),
             LinkKeys.parse("0:bench-key-0123456789abcdef"),
