@@ -113,6 +113,8 @@ class HandlerResult:
 
 
 Handler = Callable[[list[Incoming[M]], AsyncSession], Awaitable[HandlerResult]]
+# Runs on a decoded batch before the transaction opens: enrichment that calls other systems.
+Prepare = Callable[[list[Incoming[M]]], Awaitable[list[Incoming[M]]]]
 Decoder = Callable[[ConsumerRecord], M]
 
 
@@ -273,7 +275,9 @@ class ConsumerLoop(Generic[M]):
         settings: KafkaSettings,
         max_transient_retries: int = 8,
         after_batch: Callable[[], None] | None = None,
+        prepare: Prepare[M] | None = None,
     ) -> None:
+        self.prepare = prepare
         self.name = name
         self.topic = topic
         self.group_id = group_id
@@ -364,6 +368,8 @@ class ConsumerLoop(Generic[M]):
                     exc,
                 )
                 dead.append(dead_letter(record, str(exc), consumer=self.name))
+        if good and self.prepare is not None:
+            good = await self.prepare(good)
         result = await self._handle(good) if good else HandlerResult()
         for rejected in result.rejected:
             dead.append(

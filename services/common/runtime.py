@@ -16,7 +16,15 @@ from sqlalchemy import MetaData
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, ping
 from services.common.http import install_error_handlers, install_health
-from services.common.kafka import ConsumerLoop, Decoder, Handler, M, Producer, ensure_topics
+from services.common.kafka import (
+    ConsumerLoop,
+    Decoder,
+    Handler,
+    M,
+    Prepare,
+    Producer,
+    ensure_topics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class Runtime:
         ] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.failed = asyncio.Event()
+        self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.drain_seconds = 15.0
 
     @property
@@ -79,6 +88,7 @@ class Runtime:
         decode: Decoder[M],
         handler: Handler[M],
         after_batch: Callable[[], None] | None = None,
+        prepare: Prepare[M] | None = None,
     ) -> ConsumerLoop[M]:
         """Run ``handler`` over ``topic`` in this service's consumer group."""
         loop = ConsumerLoop(
@@ -91,6 +101,7 @@ class Runtime:
             producer=self.producer,
             settings=self.kafka,
             after_batch=after_batch,
+            prepare=prepare,
         )
         self.add_loop(loop)
         return loop
@@ -104,6 +115,10 @@ class Runtime:
         """A background coroutine (a scheduler, an outbox relay). On shutdown ``stop`` asks it to
         finish what it holds and return; without one, or if it takes too long, it is cancelled."""
         self._workers.append((name, run, stop))
+
+    def on_stop(self, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Close something (an HTTP client) after the consumers and workers have stopped."""
+        self._closers.append(close)
 
     async def start(self) -> None:
         if self.database.create_tables:
@@ -144,6 +159,8 @@ class Runtime:
                     pass
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for close in self._closers:
+            await close()
         await self.producer.stop()
         await self.engine.dispose()
         log.info("%s stopped", self.name)

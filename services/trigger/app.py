@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 from fastapi import FastAPI
 
 from services.common import events
@@ -14,8 +15,9 @@ from services.common.tokens import LinkKeys
 from services.trigger import api
 from services.trigger.config import TriggerSettings
 from services.trigger.decoding import decode_event
+from services.trigger.enrich import Enricher
 from services.trigger.handlers import EventHandler
-from services.trigger.ingress import Vendor, registry
+from services.trigger.ingress import ContactResolver, Vendor, registry
 from services.trigger.ingress import router as webhooks
 from services.trigger.models import Base
 
@@ -25,6 +27,7 @@ def create_app(
     trigger: TriggerSettings | None = None,
     program: Program | None = None,
     vendors: dict[str, Vendor] | None = None,
+    resolvers: dict[str, ContactResolver] | None = None,
 ) -> FastAPI:
     settings = (settings or CommonSettings()).with_database("trigger")
     trigger = trigger or TriggerSettings()
@@ -33,7 +36,16 @@ def create_app(
     runtime = Runtime(
         name="trigger", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
-    runtime.consume("trigger", events.EVENTS, decode_event, EventHandler(program, links))
+    http = httpx.AsyncClient(timeout=httpx.Timeout(trigger.lookup_timeout_seconds))
+    runtime.on_stop(http.aclose)
+    enricher = Enricher(program, registry.resolvers() if resolvers is None else resolvers, http)
+    runtime.consume(
+        "trigger",
+        events.EVENTS,
+        decode_event,
+        EventHandler(program, links, lookup_notes=lambda: enricher.notes),
+        prepare=enricher,
+    )
 
     app = service_app("kaiku trigger", runtime)
     app.include_router(

@@ -11,3 +11,5 @@ class TriggerSettings(BaseSettings):
     # The public base URL vendors call webhooks on (https://kaiku.example.com), when a proxy in
     # front changes scheme or host: HubSpot signs the full URL.
     webhook_public_url: str | None = None
+    # Contact look-ups through vendor APIs: time-out of one call.
+    lookup_timeout_seconds: float = 5.0

@@ -59,6 +59,8 @@ class EventHandler:
     program: Program
     links: LinkKeys
     clock: Callable[[], datetime] = utcnow
+    # Why a contact look-up gave nothing, per event (set by the Enricher before each batch).
+    lookup_notes: Callable[[], dict[EventKey, str]] = dict
 
     async def __call__(
         self, batch: list[Incoming[CloudEvent]], session: AsyncSession
@@ -125,8 +127,15 @@ class EventHandler:
     ) -> tuple[
         dict[EventKey, list[Outgoing]], list[dict[str, Any]], list[dict[str, Any]], list[Any]
     ]:
+        notes = self.lookup_notes()
         outcomes = {
-            (e.source, e.id): rules.evaluate(self.program, e, now, self.links.issue) for e in batch
+            (e.source, e.id): [
+                replace(o, reason="contact_unresolved", detail={**o.detail, "lookup": note})
+                if o.reason == "no_contact_point" and (note := notes.get((e.source, e.id)))
+                else o
+                for o in rules.evaluate(self.program, e, now, self.links.issue)
+            ]
+            for e in batch
         }
         self._prefer_priority(batch, outcomes)
 

@@ -88,6 +88,9 @@ class Contact:
 
     email: str | None = None
     phone: str | None = None
+    # The vendor's id of the person, when the webhook named another object (a HubSpot ticket):
+    # it replaces the event's customer id so per-customer rules count per person.
+    customer_id: str | None = None
     locale: str | None = None
     timezone: str | None = None
     account_id: str | None = None

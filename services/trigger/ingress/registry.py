@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.trigger.ingress import Vendor, generic
+from services.trigger.ingress import ContactResolver, Vendor, generic, hubspot
 
-FACTORIES: tuple[Callable[[], Vendor | None], ...] = (generic.from_env,)
+FACTORIES: tuple[Callable[[], Vendor | None], ...] = (generic.from_env, hubspot.from_env)
 
 
 def configured() -> dict[str, Vendor]:
@@ -16,3 +16,16 @@ def configured() -> dict[str, Vendor]:
         if vendor is not None:
             vendors[vendor.name] = vendor
     return vendors
+
+
+RESOLVER_FACTORIES: tuple[Callable[[], ContactResolver | None], ...] = (hubspot.resolver_from_env,)
+
+
+def resolvers() -> dict[str, ContactResolver]:
+    """The vendors whose API credentials are configured, for contact look-ups."""
+    found: dict[str, ContactResolver] = {}
+    for factory in RESOLVER_FACTORIES:
+        resolver = factory()
+        if resolver is not None:
+            found[resolver.name] = resolver
+    return found
