@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client import Counter
 
-from services.common.events import CloudEvent
+from services.common.events import CloudEvent, Customer
 from services.common.kafka import Incoming
 from services.common.logging import bound
 from services.common.program import Program
-from services.trigger.ingress import ContactResolver, LookupFailed
+from services.trigger.ingress import Contact, ContactResolver, LookupFailed
+from services.trigger.ingress.mapping import normalize_email, normalize_phone
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +71,7 @@ class Enricher:
                     self.notes[key] = f"{resolver.name} does not know customer"
                     return
                 LOOKUPS.labels(vendor=resolver.name, outcome="found").inc()
-                customer = event.data.customer
-                filled = customer.model_copy(
-                    update={
-                        name: getattr(customer, name) or value
-                        for name, value in (
-                            ("email", contact.email),
-                            ("phone", contact.phone),
-                            ("locale", contact.locale),
-                            ("timezone", contact.timezone),
-                            ("account_id", contact.account_id),
-                        )
-                    }
-                )
-                try:  # re-validate: vendor data must meet the same rules as posted events
-                    checked = type(customer).model_validate(filled.model_dump())
-                except ValueError:
-                    checked = customer.model_copy(update={"email": filled.email})
-                    self.notes[key] = (
-                        f"{resolver.name} returned contact details that do not validate"
-                    )
+                checked = _merge(event.data.customer, contact)
                 if contact.customer_id:
                     checked = checked.model_copy(update={"id": contact.customer_id})
                 data = event.data.model_copy(update={"customer": checked})
@@ -101,3 +83,25 @@ class Enricher:
 
         await asyncio.gather(*(one(i, r) for i, r in todo))
         return out
+
+
+def _merge(customer: Customer, contact: Contact) -> Customer:
+    """Fill what the event lacks from the vendor, each value checked by the same rules as a
+    posted event's (an unusable one is left out rather than failing the event)."""
+    filled = customer.model_dump()
+    candidates = {
+        "email": normalize_email(contact.email),
+        "phone": normalize_phone(contact.phone),
+        "locale": contact.locale,
+        "timezone": contact.timezone,
+        "account_id": contact.account_id,
+    }
+    for name, value in candidates.items():
+        if filled.get(name) or value is None:
+            continue
+        try:
+            Customer.model_validate({**filled, name: value})
+        except ValueError:
+            continue
+        filled[name] = value
+    return Customer.model_validate(filled)

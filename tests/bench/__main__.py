@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fastapi import FastAPI, Request
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -33,7 +35,9 @@ from services.common.tokens import LinkKeys
 from services.embedded import EmbeddedBroker
 from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
+from services.trigger.ingress.generic import sign
 from services.trigger.models import Base as TriggerBase
+from tests.bench.http import Served, requests_per_second
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get(
@@ -177,6 +181,75 @@ async def drop_schema(db: DatabaseSettings) -> None:
     await engine.dispose()
 
 
+def minimal_app() -> FastAPI:
+    """The baseline: a FastAPI endpoint that reads the body and answers 202."""
+    app = FastAPI()
+
+    @app.post("/v1/webhooks/generic", status_code=202)
+    async def accept(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    return app
+
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bench-generic-secret-0123456789ab").decode()
+
+
+def generic_webhook(i: int) -> tuple[str, dict[str, str], bytes]:
+    body = json.dumps(
+        {
+            "id": f"wh-{uuid.uuid4().hex}-{i}",
+            "type": "order.delivered",
+            "customer": {
+                "id": f"cust-{i % 5000}",
+                "email": f"c{i % 5000}@example.com",
+                "locale": "fi",
+            },
+            "team": "logistics",
+        }
+    ).encode()
+    ts = int(time.time())
+    msg_id = f"msg_{i}"
+    return (
+        "/v1/webhooks/generic",
+        {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(WEBHOOK_SECRET, msg_id, ts, body),
+        },
+        body,
+    )
+
+
+async def webhook_ingress(kafka: KafkaSettings, n: int) -> Figure:
+    """Webhook ingress requests/s (signature check, mapping, Kafka ack) beside a minimal
+    FastAPI endpoint served the same way."""
+    from services.common.settings import CommonSettings
+    from services.trigger.app import create_app
+    from services.trigger.ingress.generic import Generic, GenericSettings
+
+    sqlite_path = ROOT / "var" / f"bench-ingress-{uuid.uuid4().hex[:6]}.db"
+    settings = CommonSettings(
+        kafka=kafka, database=DatabaseSettings(url=f"sqlite+aiosqlite:///{sqlite_path}")
+    )
+    vendor = Generic(GenericSettings(webhook_secret=WEBHOOK_SECRET))
+    app = create_app(
+        settings,
+        program=load_program(ROOT / "deploy/local/program.yaml"),
+        vendors={"generic": vendor},
+    )
+    try:
+        with Served(app) as url:
+            ingress = await requests_per_second(url, generic_webhook, n)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+    with Served(minimal_app()) as url:
+        baseline = await requests_per_second(url, generic_webhook, n)
+    return Figure("webhook_ingress", ingress, "requests/s", baseline, "requests/s")
+
+
 async def main(n: int) -> list[Figure]:
     broker = EmbeddedBroker()
     broker.start()
@@ -219,6 +292,7 @@ async def main(n: int) -> list[Figure]:
         finally:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+        figures.append(await webhook_ingress(kafka, max(1000, n // 5)))
     finally:
         broker.stop()
     return figures

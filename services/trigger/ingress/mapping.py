@@ -79,7 +79,7 @@ def _time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _email(value: Any) -> str | None:
+def normalize_email(value: Any) -> str | None:
     text = _text(value)
     if text is None:
         return None
@@ -89,7 +89,7 @@ def _email(value: Any) -> str | None:
         return None
 
 
-def _phone(value: Any) -> str | None:
+def normalize_phone(value: Any) -> str | None:
     text = _text(value)
     if text is None:
         return None
@@ -140,8 +140,8 @@ def to_event(
     }
     customer: dict[str, Any] = {
         "id": customer_id,
-        "email": _email(field("email")),
-        "phone": _phone(field("phone")),
+        "email": normalize_email(field("email")),
+        "phone": normalize_phone(field("phone")),
         "locale": _text(field("locale")),
         "timezone": _text(field("timezone")),
         "account_id": _text(field("account_id")),
@@ -172,3 +172,8 @@ def to_event(
             return CloudEvent.model_validate(raw)
         except ValidationError as again:
             return Unmappable(vendor_id, f"{vendor.name}: {validation_reason(again)}")
+
+
+# Short names used by vendor modules.
+_email = normalize_email
+_phone = normalize_phone

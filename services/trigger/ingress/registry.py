@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.trigger.ingress import ContactResolver, Vendor, generic, hubspot
+from services.trigger.ingress import ContactResolver, Vendor, generic, hubspot, intercom, zendesk
 
-FACTORIES: tuple[Callable[[], Vendor | None], ...] = (generic.from_env, hubspot.from_env)
+FACTORIES: tuple[Callable[[], Vendor | None], ...] = (
+    generic.from_env,
+    hubspot.from_env,
+    zendesk.from_env,
+    intercom.from_env,
+)
 
 
 def configured() -> dict[str, Vendor]:

@@ -60,6 +60,11 @@ def router(
 ) -> APIRouter:
     api = APIRouter()
 
+    @api.head("/v1/webhooks/{source}", include_in_schema=False)
+    async def probe(source: str) -> Response:
+        """Vendors (Intercom) check an endpoint with HEAD when it is saved."""
+        return Response(status_code=200 if source in vendors else 404)
+
     @api.post(
         "/v1/webhooks/{source}",
         status_code=202,
