@@ -35,16 +35,20 @@ class _ContextFilter(logging.Filter):
 
 
 _LINK_TOKEN = re.compile(r"/(s|u)/[A-Za-z0-9_-]{8,}")
+_QUERY_SECRET = re.compile(r"([?&](?:token|secret|key|signature)=)[^&\s\"]+", re.IGNORECASE)
 
 
 class _RedactLinkTokens(logging.Filter):
-    """Survey and unsubscribe links carry a token that answers for a customer: keep it out of
-    access logs (``/s/<token>`` instead)."""
+    """Survey and unsubscribe links carry a token that answers for a customer, and a webhook URL
+    may carry a secret (``?token=``): keep both out of access logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                _LINK_TOKEN.sub(r"/\1/<token>", a) if isinstance(a, str) else a for a in record.args
+                _QUERY_SECRET.sub(r"\1<redacted>", _LINK_TOKEN.sub(r"/\1/<token>", a))
+                if isinstance(a, str)
+                else a
+                for a in record.args
             )
         return True
 

@@ -13,11 +13,17 @@ from services.common.events import Customer
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
+    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
     handlers, level = root.handlers[:], root.level
+    access_state = (access.level, access.propagate, access.handlers[:])
+    # Another test's uvicorn may have configured uvicorn.access: log through the root here.
+    access.setLevel(logging.INFO)
+    access.propagate = True
+    access.handlers[:] = []
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    access.level, access.propagate, access.handlers[:] = access_state
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
@@ -32,7 +38,17 @@ def test_access_log_lines_hide_survey_link_tokens(
     logging.getLogger("uvicorn.access").info(
         '%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "POST", f"/u/{token}", "1.1", 200
     )
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d',
+        "127.0.0.1:1",
+        "POST",
+        "/v1/webhooks/salesforce?token=s3cr3t-value&x=1",
+        "1.1",
+        200,
+    )
     err = capsys.readouterr().err
+    assert "s3cr3t-value" not in err
+    assert "/v1/webhooks/salesforce?token=<redacted>&x=1" in err
     assert token not in err
     assert "/s/<token>?score=9" in err
     assert "/u/<token>" in err

@@ -172,8 +172,3 @@ def to_event(
             return CloudEvent.model_validate(raw)
         except ValidationError as again:
             return Unmappable(vendor_id, f"{vendor.name}: {validation_reason(again)}")
-
-
-# Short names used by vendor modules.
-_email = normalize_email
-_phone = normalize_phone

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.trigger.ingress import ContactResolver, Vendor, generic, hubspot, intercom, zendesk
+from services.trigger.ingress import (
+    ContactResolver,
+    Vendor,
+    freshdesk,
+    generic,
+    hubspot,
+    intercom,
+    salesforce,
+    servicenow,
+    zendesk,
+)
 
 FACTORIES: tuple[Callable[[], Vendor | None], ...] = (
     generic.from_env,
     hubspot.from_env,
     zendesk.from_env,
     intercom.from_env,
+    freshdesk.from_env,
+    servicenow.from_env,
+    salesforce.from_env,
 )
 
 
