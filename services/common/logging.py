@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TextIO
 
 _context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("kaiku_log_context")
 
@@ -76,8 +76,8 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler()
+def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter())
     handler.addFilter(_RedactLinkTokens())
     if fmt == "json":

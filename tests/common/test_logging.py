@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 
@@ -13,24 +14,28 @@ from services.common.events import Customer
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    root, access = logging.getLogger(), logging.getLogger("uvicorn.access")
+    root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    access_state = (access.level, access.propagate, access.handlers[:])
-    # Another test's uvicorn may have configured uvicorn.access: log through the root here.
-    access.setLevel(logging.INFO)
-    access.propagate = True
-    access.handlers[:] = []
+    # Another test's uvicorn may have configured its loggers (own handlers, no propagation):
+    # here they log through the root, as under kaiku's services (log_config=None).
+    saved = []
+    for name in ("uvicorn", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, logger.handlers[:]))
+        logger.setLevel(logging.INFO)
+        logger.propagate = True
+        logger.handlers[:] = []
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    access.level, access.propagate, access.handlers[:] = access_state
+    for logger, lvl, propagate, hs in saved:
+        logger.level, logger.propagate, logger.handlers[:] = lvl, propagate, hs
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
-def test_access_log_lines_hide_survey_link_tokens(
-    fmt: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kaiku_logging.configure("INFO", fmt)
+def test_access_log_lines_hide_survey_link_tokens(fmt: str) -> None:
+    out = io.StringIO()
+    kaiku_logging.configure("INFO", fmt, out)
     token = "0uAvfstvkD2TAR37J7fsdjF2_CvdH"
     logging.getLogger("uvicorn.access").info(
         '%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", f"/s/{token}?score=9", "1.1", 200
@@ -46,7 +51,7 @@ def test_access_log_lines_hide_survey_link_tokens(
         "1.1",
         200,
     )
-    err = capsys.readouterr().err
+    err = out.getvalue()
     assert "s3cr3t-value" not in err
     assert "/v1/webhooks/salesforce?token=<redacted>&x=1" in err
     assert token not in err
