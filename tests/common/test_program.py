@@ -55,3 +55,25 @@ def test_kaiku_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exit_info:
         main(["check", str(ROOT / "deploy/local/program.yaml")])
     assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("service", ["trigger", "dispatcher", "collector"])
+def test_services_refuse_to_start_on_an_invalid_program(service: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("survey: support-csat", "survey: no-such-survey"))
+    env = {**os.environ, "KAIKU_PROGRAM": str(bad)}
+    done = subprocess.run(
+        [sys.executable, "-m", f"services.{service}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "unknown survey 'no-such-survey'" in done.stderr
+    assert f"{bad}:" in done.stderr
