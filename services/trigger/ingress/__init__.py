@@ -9,6 +9,7 @@ CloudEvent (``DEFAULT_MAPPING``, ``DEFAULT_TYPES``, ``vendor_type``, ``event_id`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,23 @@ def unauthorized(message: str) -> WebhookError:
 
 def malformed(message: str) -> WebhookError:
     return WebhookError(400, "malformed_payload", message)
+
+
+def json_body(request: WebhookRequest) -> Any:
+    """The body as JSON, or ``malformed`` (400)."""
+    try:
+        return json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise malformed("the body is not valid JSON") from None
+
+
+def json_objects(request: WebhookRequest, expected: str) -> list[dict[str, Any]]:
+    """A JSON object or a non-empty array of objects, as a list; ``malformed`` otherwise."""
+    body = json_body(request)
+    items = body if isinstance(body, list) else [body]
+    if not items or not all(isinstance(i, dict) for i in items):
+        raise malformed(f"expected {expected}")
+    return items
 
 
 class Vendor(Protocol):

@@ -39,10 +39,6 @@ or a custom status name). Freshdesk gives a webhook no id of its own: the idempo
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import json
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -55,12 +51,10 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
-from services.trigger.ingress import Contact, WebhookRequest, malformed, unauthorized
+from services.trigger.ingress import Contact, WebhookRequest, json_body, malformed
 from services.trigger.ingress.lookup import TtlCache, get_json
 from services.trigger.ingress.mapping import normalize_email, normalize_phone
-from services.trigger.ingress.signing import same
-
-SECRET_HEADER = "X-Kaiku-Webhook-Secret"  # noqa: S105 (a header name, not a secret)
+from services.trigger.ingress.signing import verify_shared_secret
 
 
 class FreshdeskSettings(BaseSettings):
@@ -84,21 +78,6 @@ class FreshdeskSettings(BaseSettings):
         if self.api_base_url:
             return self.api_base_url.rstrip("/")
         return f"https://{self.domain}.freshdesk.com" if self.domain else None
-
-
-def basic_credentials(header: str | None) -> tuple[str, str] | None:
-    """The (username, password) of an ``Authorization: Basic`` header, or None."""
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    username, colon, password = decoded.partition(":")
-    return (username, password) if colon else None
 
 
 def _slug(text: str) -> str:
@@ -136,25 +115,10 @@ class Freshdesk:
         self._secret = settings.webhook_secret.get_secret_value()
 
     def verify(self, request: WebhookRequest) -> None:
-        given = request.headers.get(SECRET_HEADER)
-        if given is not None:
-            if same(given, self._secret):
-                return
-            raise unauthorized(f"{SECRET_HEADER} does not match the configured secret")
-        credentials = basic_credentials(request.headers.get("authorization"))
-        if credentials is None:
-            raise unauthorized(f"expected the {SECRET_HEADER} header or HTTP Basic credentials")
-        username, password = credentials
-        user_ok = hmac.compare_digest(username.encode(), self.settings.webhook_username.encode())
-        password_ok = hmac.compare_digest(password.encode(), self._secret.encode())
-        if not (user_ok and password_ok):
-            raise unauthorized("the HTTP Basic credentials do not match")
+        verify_shared_secret(request, self._secret, self.settings.webhook_username)
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
+        body = json_body(request)
         if isinstance(body, dict) and isinstance(body.get("freshdesk_webhook"), dict):
             body = body["freshdesk_webhook"]
         if not isinstance(body, dict):

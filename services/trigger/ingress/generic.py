@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ from fastapi.responses import Response
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.trigger.ingress import WebhookRequest, malformed, unauthorized
+from services.trigger.ingress import WebhookRequest, json_objects, unauthorized
 from services.trigger.ingress.signing import b64, hmac_digest, require_fresh, same
 
 
@@ -103,13 +102,7 @@ class Generic:
         raise unauthorized("no webhook-signature matches the body")
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
-        items = body if isinstance(body, list) else [body]
-        if not items or not all(isinstance(i, dict) for i in items):
-            raise malformed("expected a JSON object or a non-empty array of objects")
+        items = json_objects(request, "a JSON object or a non-empty array of objects")
         if len(items) == 1 and "id" not in items[0]:
             items[0] = {**items[0], "id": request.headers.get("webhook-id")}
         return items

@@ -66,7 +66,6 @@ Contact look-ups (``HubspotResolver``) use a private app's access token
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -84,7 +83,7 @@ from services.trigger.ingress import (
     Contact,
     LookupFailed,
     WebhookRequest,
-    malformed,
+    json_objects,
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
@@ -226,13 +225,7 @@ class Hubspot:
             raise unauthorized(f"{SIGNATURE_HEADER} does not match the request")
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
-        events = body if isinstance(body, list) else [body]
-        if not events or not all(isinstance(e, dict) for e in events):
-            raise malformed("expected a non-empty JSON array of HubSpot events")
+        events = json_objects(request, "a non-empty JSON array of HubSpot events")
         return [{**e, "kaiku": self._derived(e)} for e in events]
 
     @staticmethod

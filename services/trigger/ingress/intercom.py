@@ -55,6 +55,7 @@ from services.trigger.ingress import (
     Contact,
     LookupFailed,
     WebhookRequest,
+    json_body,
     malformed,
     unauthorized,
 )
@@ -149,10 +150,7 @@ class Intercom:
             )
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
+        body = json_body(request)
         if not isinstance(body, dict):
             raise malformed("expected a notification_event object")
         if not isinstance(body.get("topic"), str):

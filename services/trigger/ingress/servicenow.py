@@ -37,8 +37,6 @@ answers a rate-limited Table API call (treated as 429 with ``Retry-After``, like
 
 from __future__ import annotations
 
-import hmac
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -49,11 +47,11 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
-from services.trigger.ingress import Contact, WebhookRequest, malformed, unauthorized
-from services.trigger.ingress.freshdesk import SECRET_HEADER, basic_credentials, iana_zone
+from services.trigger.ingress import Contact, WebhookRequest, json_objects
+from services.trigger.ingress.freshdesk import iana_zone
 from services.trigger.ingress.lookup import TtlCache, get_json
 from services.trigger.ingress.mapping import normalize_email, normalize_phone
-from services.trigger.ingress.signing import same
+from services.trigger.ingress.signing import verify_shared_secret
 
 USER_FIELDS = "email,mobile_phone,phone,preferred_language,time_zone,company"
 # State values that mean "done" per table (incident: 6 Resolved, 7 Closed, 8 Canceled).
@@ -121,29 +119,10 @@ class ServiceNow:
         self._secret = settings.webhook_secret.get_secret_value()
 
     def verify(self, request: WebhookRequest) -> None:
-        given = request.headers.get(SECRET_HEADER)
-        if given is not None:
-            if same(given, self._secret):
-                return
-            raise unauthorized(f"{SECRET_HEADER} does not match the configured secret")
-        credentials = basic_credentials(request.headers.get("authorization"))
-        if credentials is None:
-            raise unauthorized(f"expected the {SECRET_HEADER} header or HTTP Basic credentials")
-        username, password = credentials
-        user_ok = hmac.compare_digest(username.encode(), self.settings.webhook_username.encode())
-        password_ok = hmac.compare_digest(password.encode(), self._secret.encode())
-        if not (user_ok and password_ok):
-            raise unauthorized("the HTTP Basic credentials do not match")
+        verify_shared_secret(request, self._secret, self.settings.webhook_username)
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
-        items = body if isinstance(body, list) else [body]
-        if not items or not all(isinstance(i, dict) for i in items):
-            raise malformed("expected a JSON object or a non-empty array of objects")
-        return items
+        return json_objects(request, "a JSON object or a non-empty array of objects")
 
     def vendor_type(self, item: Mapping[str, Any]) -> str | None:
         table = _str(item.get("table")) or "incident"

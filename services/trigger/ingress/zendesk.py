@@ -52,7 +52,6 @@ user; 429 carries ``Retry-After``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -68,6 +67,7 @@ from services.trigger.ingress import (
     Contact,
     LookupFailed,
     WebhookRequest,
+    json_body,
     malformed,
     unauthorized,
 )
@@ -184,10 +184,7 @@ class Zendesk:
         raise unauthorized("X-Zendesk-Webhook-Signature does not match the body")
 
     def items(self, request: WebhookRequest) -> list[dict[str, Any]]:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise malformed("the body is not valid JSON") from None
+        body = json_body(request)
         if not isinstance(body, dict):
             raise malformed("expected a JSON object")
         if body.get("id") in (None, ""):
