@@ -36,7 +36,14 @@ def configured() -> dict[str, Vendor]:
     return vendors
 
 
-RESOLVER_FACTORIES: tuple[Callable[[], ContactResolver | None], ...] = (hubspot.resolver_from_env,)
+RESOLVER_FACTORIES: tuple[Callable[[], ContactResolver | None], ...] = (
+    hubspot.resolver_from_env,
+    zendesk.resolver_from_env,
+    intercom.resolver_from_env,
+    freshdesk.resolver_from_env,
+    servicenow.resolver_from_env,
+    salesforce.resolver_from_env,
+)
 
 
 def resolvers() -> dict[str, ContactResolver]:
