@@ -61,11 +61,14 @@ async def test_structured_and_binary_mode_from_librdkafka(
         ("ce_tenant", b"acme"),
         ("content-type", b"application/json; charset=utf-8"),
     ]
+    # Another customer for the binary event, so the program's priority rule (an order survey
+    # beats a support survey for one customer at once) does not choose between the two.
+    other = {**data, "customer": {"id": "cust-rd2", "email": "rd2@example.com", "locale": "sv"}}
     produce(
         kafka,
         [
             (json.dumps(structured).encode(), [("content-type", b"application/cloudevents+json")]),
-            (json.dumps(data).encode(), binary_headers),
+            (json.dumps(other).encode(), binary_headers),
             (json.dumps(data).encode(), [h for h in binary_headers if h[0] != "ce_id"]),
             (b"<xml/>", [*binary_headers[:-1], ("content-type", b"application/xml")]),
         ],
