@@ -6,14 +6,14 @@ Loaded from one YAML file and validated once at start; every error names its lin
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.events import Metric, SurveyChannel
+from services.common.events import Metric, SurveyChannel, TimeZone
 
 SUPPORTED_LOCALES = ("fi", "sv", "en")
 METRIC_RANGES: dict[str, tuple[int, int]] = {"nps": (0, 10), "csat": (1, 5), "ces": (1, 7)}
@@ -54,6 +54,9 @@ class Survey(_Model):
     link_expiry: Duration = timedelta(days=14)
     reminder: Reminder | None = None
     target: float | None = None
+    ignore_fatigue: bool = Field(
+        default=False, description="Fatigue rules do not apply (a legal notice, say)"
+    )
 
     @property
     def scale(self) -> tuple[int, int]:
@@ -199,9 +202,58 @@ class SourceConfig(_Model):
         return self
 
 
+class FatigueRule(_Model):
+    """No more than ``limit`` surveys per ``key`` within any ``window``, counted on ``clock``."""
+
+    id: Slug
+    key: Literal["customer", "account", "contact"] = Field(
+        description="Whose surveys count: the customer, the B2B account, or the contact point "
+        "(email address or phone number) the survey goes to"
+    )
+    scope: Literal["global", "survey", "trigger"] = Field(
+        description="Which surveys count: all, the same survey, or the same trigger"
+    )
+    channel: Literal["any", "email", "sms"] = Field(
+        description="The rule applies to (and counts) surveys on this channel"
+    )
+    clock: Literal["invited", "delivered", "responded"] = Field(
+        description="When a survey counts: once invited (sent or scheduled), once delivered, "
+        "or once answered"
+    )
+    window: Duration
+    limit: Annotated[int, Field(ge=1)]
+    action: Literal["drop", "defer"] = Field(
+        default="drop", description="drop the invitation, or defer it to when it is allowed"
+    )
+
+
+class QuietHours(_Model):
+    """No sends between ``start`` and ``end`` in the recipient's local time (the span may cross
+    midnight), and optionally none on Saturdays and Sundays."""
+
+    channel: Literal["any", "email", "sms"] = "any"
+    start: time
+    end: time
+    weekends: bool = False
+
+
+class Fatigue(_Model):
+    rules: list[FatigueRule] = Field(default_factory=list)
+    quiet_hours: list[QuietHours] = Field(default_factory=list)
+    unknown_timezone_zones: list[TimeZone] = Field(
+        default_factory=lambda: ["Europe/London", "Europe/Helsinki"],
+        min_length=1,
+        description="When a recipient's time zone is unknown, a send must be outside quiet "
+        "hours in every one of these zones (fail closed: never at night)",
+    )
+
+
 class Defaults(_Model):
     locale: Literal["fi", "sv", "en"] = "en"
-    timezone: str = "UTC"
+    timezone: TimeZone | None = Field(
+        default=None, description="Recipients' time zone when neither the event nor earlier "
+        "events say"
+    )
 
 
 class Program(_Model):
@@ -210,6 +262,7 @@ class Program(_Model):
     surveys: list[Survey] = Field(min_length=1)
     triggers: list[Trigger] = Field(default_factory=list)
     sources: dict[Vendor, SourceConfig] = Field(default_factory=dict)
+    fatigue: Fatigue = Fatigue()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Program:

@@ -1,0 +1,229 @@
+"""Fatigue rules and quiet hours. Pure: functions of the program's rules, the customer's history
+and ``now``; the trigger's repository loads the history and reserves the result atomically.
+
+A fatigue rule says: no more than ``limit`` surveys for one ``key`` (customer, account or contact
+point) within any rolling ``window``, counting the surveys of its ``scope`` (all, the same survey,
+the same trigger) on its ``channel``, on its ``clock`` (when invited, delivered or answered). Every
+rule applies and the strictest wins: a ``drop`` rule that bites drops the invitation; otherwise a
+``defer`` rule that bites moves it to the first moment no rule bites any more.
+
+Limits are checked over every window the new survey would fall into, not only the one ending at
+its send time, so a survey scheduled in the future counts against the surveys before and after it.
+
+Quiet hours are in the recipient's local time zone (from the event, else the customer's last known,
+else the program default). When none is known the send must be outside quiet hours in every zone
+of ``unknown_timezone_zones``: an unknown zone never leads to a night-time send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock_time
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from services.common.program import Fatigue, FatigueRule, QuietHours
+
+Channel = Literal["email", "sms"]
+
+# Counted statuses: a cancelled or failed invitation was never a survey the customer received.
+COUNTED = ("pending", "sent")
+
+
+@dataclass(frozen=True)
+class Touch:
+    """A survey the customer had, or has scheduled."""
+
+    customer_id: str
+    account_id: str | None
+    contact: str | None  # the email address or phone number it went to
+    channel: Channel
+    survey_id: str
+    trigger_id: str
+    invited_at: datetime  # when it is (or was) to be sent
+    delivered_at: datetime | None = None
+    responded_at: datetime | None = None
+    status: str = "pending"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An invitation the rules are about to allow, drop or defer."""
+
+    customer_id: str
+    account_id: str | None
+    contact: str | None
+    channel: Channel
+    survey_id: str
+    trigger_id: str
+    send_at: datetime
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Literal["allow", "drop", "defer"]
+    send_at: datetime | None = None  # allow/defer: when to send
+    rule: str | None = None  # the rule that decided (drop/defer)
+    next_eligible_at: datetime | None = None
+    seen: dict[str, Any] = field(default_factory=dict)  # what the deciding rule counted
+
+
+def _key(rule: FatigueRule, c: Candidate | Touch) -> str | None:
+    if rule.key == "customer":
+        return c.customer_id
+    if rule.key == "account":
+        return c.account_id
+    return c.contact
+
+
+def _applies(rule: FatigueRule, candidate: Candidate) -> bool:
+    return (rule.channel in ("any", candidate.channel)) and _key(rule, candidate) is not None
+
+
+def _clock(rule: FatigueRule, touch: Touch) -> datetime | None:
+    if touch.status not in COUNTED:
+        return None
+    if rule.clock == "invited":
+        return touch.invited_at
+    if rule.clock == "delivered":
+        # A scheduled survey will be delivered at about its send time: count it from then, so a
+        # limit holds before the delivery receipt arrives.
+        return touch.delivered_at or (touch.invited_at if touch.status == "pending" else None)
+    return touch.responded_at
+
+
+def counted_times(
+    rule: FatigueRule, candidate: Candidate, history: Iterable[Touch]
+) -> list[datetime]:
+    """The clock times of the history's surveys this rule counts for this candidate."""
+    key = _key(rule, candidate)
+    times = []
+    for t in history:
+        if _key(rule, t) != key or rule.channel not in ("any", t.channel):
+            continue
+        if rule.scope == "survey" and t.survey_id != candidate.survey_id:
+            continue
+        if rule.scope == "trigger" and t.trigger_id != candidate.trigger_id:
+            continue
+        at = _clock(rule, t)
+        if at is not None:
+            times.append(at)
+    return sorted(times)
+
+
+def _peak(times: Sequence[datetime], at: datetime, window: timedelta) -> int:
+    """The most surveys in any window (t - window, t] that would also hold one at ``at``."""
+    ends = [at] + [t for t in times if at <= t < at + window]
+    return max(sum(1 for t in times if end - window < t <= end) for end in ends)
+
+
+def bites(rule: FatigueRule, times: Sequence[datetime], at: datetime) -> bool:
+    # The clock of a new survey starts at its send time for every clock: a survey counted on
+    # delivery or answer cannot be delivered or answered before it is sent.
+    return _peak(times, at, rule.window) + 1 > rule.limit
+
+
+def _release_times(rule: FatigueRule, times: Sequence[datetime], after: datetime) -> list[datetime]:
+    return [t + rule.window for t in times if t + rule.window > after]
+
+
+def check(
+    fatigue: Fatigue, candidate: Candidate, history: Sequence[Touch], *, ignore: bool = False
+) -> Verdict:
+    """Allow, drop or defer ``candidate`` given the customer's (and account's) history."""
+    if ignore:
+        return Verdict("allow", candidate.send_at)
+    rules = [r for r in fatigue.rules if _applies(r, candidate)]
+    counted = {r.id: counted_times(r, candidate, history) for r in rules}
+    at = candidate.send_at
+    biting = [r for r in rules if bites(r, counted[r.id], at)]
+    if not biting:
+        return Verdict("allow", at)
+    strictest = next((r for r in biting if r.action == "drop"), None)
+    if strictest is not None:
+        times = counted[strictest.id]
+        release = min(_release_times(strictest, times, at), default=None)
+        return Verdict("drop", None, strictest.id, release, _seen(strictest, times, at))
+    # Defer to the first moment no rule bites: a window releases a survey at time + window.
+    moments = sorted({m for r in rules for m in _release_times(r, counted[r.id], at)})
+    for moment in moments:
+        if not any(bites(r, counted[r.id], moment) for r in rules):
+            first = biting[0]
+            return Verdict("defer", moment, first.id, moment, _seen(first, counted[first.id], at))
+    first = biting[0]  # unreachable with finite history; dropped to be safe
+    return Verdict("drop", None, first.id, None, _seen(first, counted[first.id], at))
+
+
+def _seen(rule: FatigueRule, times: Sequence[datetime], at: datetime) -> dict[str, Any]:
+    return {
+        "rule": rule.id,
+        "key": rule.key,
+        "scope": rule.scope,
+        "channel": rule.channel,
+        "clock": rule.clock,
+        "window": str(rule.window),
+        "limit": rule.limit,
+        "counted": _peak(times, at, rule.window),
+    }
+
+
+# -- quiet hours ----------------------------------------------------------------------------------
+
+
+def _quiet_at(local: datetime, quiet: QuietHours) -> bool:
+    if quiet.weekends and local.weekday() >= 5:
+        return True
+    now = local.time()
+    if quiet.start <= quiet.end:
+        return quiet.start <= now < quiet.end
+    return now >= quiet.start or now < quiet.end  # the span crosses midnight
+
+
+def _quiet_end(local: datetime, quiet: QuietHours, zone: ZoneInfo) -> datetime:
+    """The first instant after ``local`` at which this quiet span is over (a UTC datetime)."""
+    day = local.date()
+    if quiet.weekends and local.weekday() >= 5:
+        monday = day + timedelta(days=7 - local.weekday())
+        return _at(monday, clock_time(0), zone)
+    if quiet.start <= quiet.end or local.time() < quiet.end:
+        return _at(day, quiet.end, zone)
+    return _at(day + timedelta(days=1), quiet.end, zone)
+
+
+def _at(day: date, wall: clock_time, zone: ZoneInfo) -> datetime:
+    """``day`` at ``wall`` in ``zone``, as UTC. A wall time that happens twice (clocks go back)
+    is its first occurrence; one that does not exist (clocks go forward) becomes the first
+    instant whose wall clock is past it."""
+    naive = datetime.combine(day, wall)
+    first = min(naive.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
+    instant = first
+    while instant.astimezone(zone).replace(tzinfo=None) < naive:  # only in a gap: <= 3 h
+        instant += timedelta(minutes=1)
+    return instant
+
+
+def allowed_from(
+    fatigue: Fatigue, when: datetime, channel: Channel, timezone: str | None
+) -> datetime:
+    """The first instant at or after ``when`` outside every quiet span for this channel, in the
+    recipient's zone; with no zone known, outside every quiet span in every fallback zone."""
+    spans = [q for q in fatigue.quiet_hours if q.channel in ("any", channel)]
+    if not spans:
+        return when
+    zones = (
+        [ZoneInfo(timezone)] if timezone else [ZoneInfo(z) for z in fatigue.unknown_timezone_zones]
+    )
+    at = when.astimezone(UTC)
+    for _ in range(64):  # each step leaves one span; a week of spans is far fewer steps
+        moved = False
+        for zone in zones:
+            local = at.astimezone(zone)
+            for quiet in spans:
+                if _quiet_at(local, quiet):
+                    at = max(at, _quiet_end(local, quiet, zone))
+                    moved = True
+        if not moved:
+            return at
+    raise ValueError("quiet hours leave no time to send: check the program's quiet_hours")
