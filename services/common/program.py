@@ -251,8 +251,8 @@ class Fatigue(_Model):
 class Defaults(_Model):
     locale: Literal["fi", "sv", "en"] = "en"
     timezone: TimeZone | None = Field(
-        default=None, description="Recipients' time zone when neither the event nor earlier "
-        "events say"
+        default=None,
+        description="Recipients' time zone when neither the event nor earlier events say",
     )
 
 

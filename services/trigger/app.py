@@ -12,7 +12,7 @@ from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.common.tokens import LinkKeys
-from services.trigger import api
+from services.trigger import api, ledger
 from services.trigger.config import TriggerSettings
 from services.trigger.decoding import decode_event
 from services.trigger.enrich import Enricher
@@ -57,6 +57,7 @@ def create_app(
             trigger.webhook_public_url,
         )
     )
+    app.include_router(ledger.router(runtime.sessions, bearer_auth(settings.http.api_token)))
     app.include_router(
         api.router(
             runtime.producer,

@@ -9,6 +9,7 @@ table, all in one transaction with a handful of statements for the whole batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,11 +21,16 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common import events
-from services.common.events import CloudEvent, InvitationCancelled, utcnow
+from services.common.events import (
+    CloudEvent,
+    InvitationCancelled,
+    InvitationRequested,
+    utcnow,
+)
 from services.common.kafka import HandlerResult, Incoming, Outgoing
-from services.common.program import Program
+from services.common.program import Program, Trigger
 from services.common.tokens import LinkKeys
-from services.trigger import repository, rules
+from services.trigger import fatigue, repository, rules
 from services.trigger.repository import EventKey
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,55 @@ class _Pending:
     send_at: datetime
     created_at: datetime
     cancelled: bool = False
+    account_id: str | None = None
+    contact: str | None = None
+    channel: str = "email"
+    delivered_at: datetime | None = None
+    responded_at: datetime | None = None
+
+    def touch(self) -> fatigue.Touch:
+        return fatigue.Touch(
+            customer_id=self.customer_id,
+            account_id=self.account_id,
+            contact=self.contact,
+            channel="sms" if self.channel == "sms" else "email",
+            survey_id=self.survey_id,
+            trigger_id=self.trigger_id,
+            invited_at=self.send_at,
+            delivered_at=self.delivered_at,
+            responded_at=self.responded_at,
+            status="cancelled" if self.cancelled else "pending",
+        )
+
+
+class _History:
+    """The batch's view of past and reserved invitations, indexed by every fatigue key."""
+
+    def __init__(self) -> None:
+        self.by_customer: dict[str, list[_Pending]] = defaultdict(list)
+        self.by_account: dict[str, list[_Pending]] = defaultdict(list)
+        self.by_contact: dict[str, list[_Pending]] = defaultdict(list)
+
+    def add(self, p: _Pending) -> None:
+        self.by_customer[p.customer_id].append(p)
+        if p.account_id:
+            self.by_account[p.account_id].append(p)
+        if p.contact:
+            self.by_contact[p.contact].append(p)
+
+    def touches(
+        self, customer: str, account: str | None, contact: str | None
+    ) -> list[fatigue.Touch]:
+        found = {id(p): p for p in self.by_customer.get(customer, ())}
+        found.update({id(p): p for p in self.by_account.get(account or "", ())})
+        found.update({id(p): p for p in self.by_contact.get(contact or "", ())})
+        return [p.touch() for p in found.values()]
+
+
+def _contact(inv: InvitationRequested) -> str | None:
+    customer = inv.customer
+    value = customer.email if inv.channel == "email" else customer.phone
+    return value.lower() if value else None
 
 
 @dataclass
@@ -139,15 +194,31 @@ class EventHandler:
         }
         self._prefer_priority(batch, outcomes)
 
-        window = max(
+        invited = [o.invitation for os in outcomes.values() for o in os if o.invitation]
+        # Reservations are exact across workers: lock every key a limit may count on.
+        await repository.lock_keys(
+            session,
+            [
+                *(f"customer:{i.customer.id}" for i in invited),
+                *(f"account:{i.customer.account_id}" for i in invited if i.customer.account_id),
+                *(f"contact:{c}" for i in invited if (c := _contact(i))),
+            ],
+        )
+        rules_window = max((r.window for r in self.program.fatigue.rules), default=timedelta(0))
+        coalesce_window = max(
             (t.coalesce for t in self.program.triggers if t.coalesce), default=timedelta(0)
         )
-        state: dict[str, list[_Pending]] = defaultdict(list)
         earliest = min((e.time or now) for e in batch)
+        history = _History()
         for row in await repository.recent_invitations(
-            session, sorted({e.customer_id for e in batch}), earliest - window, now
+            session,
+            customers=sorted({e.customer_id for e in batch}),
+            accounts=sorted({a for i in invited if (a := i.customer.account_id)}),
+            contacts=sorted({c for i in invited if (c := _contact(i))}),
+            since=min(earliest - coalesce_window, now - rules_window),
+            now=now,
         ):
-            state[row.customer_id].append(
+            history.add(
                 _Pending(
                     row.invitation_id,
                     row.customer_id,
@@ -157,6 +228,11 @@ class EventHandler:
                     row.send_at,
                     row.created_at,
                     row.cancelled_at is not None,
+                    row.account_id,
+                    row.contact,
+                    row.channel,
+                    row.delivered_at,
+                    row.responded_at,
                 )
             )
 
@@ -201,7 +277,7 @@ class EventHandler:
 
         for event in batch:
             out: list[Outgoing] = []
-            mine = state[event.customer_id]
+            mine = history.by_customer[event.customer_id]
             # cancel_on: a reopened ticket cancels the pending invitation about the same case.
             for cancelling in self.program.cancelled_by(event.type):
                 for p in mine:
@@ -213,44 +289,36 @@ class EventHandler:
                     ):
                         cancel(p, event, f"cancel_on:{event.type}", out)
             for outcome in outcomes[(event.source, event.id)]:
-                trigger, invitation = outcome.trigger, outcome.invitation
-                if invitation is not None and trigger is not None and trigger.coalesce:
-                    at = event.time or now
-                    earlier = [
-                        p
-                        for p in mine
-                        if p.trigger_id == trigger.id
-                        and not p.cancelled
-                        and p.created_at >= at - trigger.coalesce
-                    ]
-                    if any(p.send_at <= now for p in earlier):
-                        last = max(p.created_at for p in earlier if p.send_at <= now)
-                        outcome = replace(
-                            outcome,
-                            decision="skipped",
-                            reason="coalesced",
-                            invitation=None,
-                            next_eligible_at=last + trigger.coalesce,
-                            detail={"window": str(trigger.coalesce)},
-                        )
-                    else:
-                        for p in earlier:  # the newer case replaces the pending one
-                            cancel(p, event, "coalesced", out)
+                trigger = outcome.trigger
+                if outcome.invitation is not None and trigger is not None and trigger.coalesce:
+                    outcome = self._coalesce(
+                        outcome,
+                        trigger,
+                        event,
+                        mine,
+                        now,
+                        functools.partial(cancel, event=event, reason="coalesced", out=out),
+                    )
+                if outcome.invitation is not None and outcome.survey is not None:
+                    outcome = self._fatigue(outcome, event, history, now)
                 if outcome.invitation is not None and trigger is not None:
                     inv = outcome.invitation
                     out.append(Outgoing(events.INVITATIONS, event.customer_id, inv))
                     created = event.time if event.time and event.time <= now else now
-                    mine.append(
-                        _Pending(
-                            inv.invitation_id,
-                            event.customer_id,
-                            trigger.id,
-                            inv.survey_id,
-                            event.data.case_id,
-                            inv.send_at,
-                            created,
-                        )
+                    pending = _Pending(
+                        inv.invitation_id,
+                        event.customer_id,
+                        trigger.id,
+                        inv.survey_id,
+                        event.data.case_id,
+                        inv.send_at,
+                        created,
+                        False,
+                        inv.customer.account_id,
+                        _contact(inv),
+                        inv.channel,
                     )
+                    history.add(pending)
                     new.append(
                         {
                             "invitation_id": inv.invitation_id,
@@ -262,11 +330,112 @@ class EventHandler:
                             "send_at": inv.send_at,
                             "created_at": created,
                             "cancelled_at": None,
+                            "account_id": pending.account_id,
+                            "contact": pending.contact,
+                            "channel": pending.channel,
+                            "delivered_at": None,
+                            "responded_at": None,
                         }
                     )
                 decisions.append(_row(event, outcome, now))
             outputs[(event.source, event.id)] = out
         return outputs, decisions, new, cancelled
+
+    @staticmethod
+    def _coalesce(
+        outcome: rules.Outcome,
+        trigger: Trigger,
+        event: CloudEvent,
+        mine: list[_Pending],
+        now: datetime,
+        cancel: Callable[[_Pending], None],
+    ) -> rules.Outcome:
+        """One invitation per coalescing window: a pending one is replaced by the newer case;
+        once one has gone out, later events in the window are skipped."""
+        assert trigger.coalesce is not None
+        at = event.time or now
+        earlier = [
+            p
+            for p in mine
+            if p.trigger_id == trigger.id
+            and not p.cancelled
+            and p.created_at >= at - trigger.coalesce
+        ]
+        if any(p.send_at <= now for p in earlier):
+            last = max(p.created_at for p in earlier if p.send_at <= now)
+            return replace(
+                outcome,
+                decision="skipped",
+                reason="coalesced",
+                invitation=None,
+                next_eligible_at=last + trigger.coalesce,
+                detail={"window": str(trigger.coalesce)},
+            )
+        for p in earlier:
+            cancel(p)
+        return outcome
+
+    def _fatigue(
+        self, outcome: rules.Outcome, event: CloudEvent, history: _History, now: datetime
+    ) -> rules.Outcome:
+        """Fatigue limits and quiet hours: allow, drop, or move the send later."""
+        inv, survey = outcome.invitation, outcome.survey
+        assert inv is not None and survey is not None
+        contact = _contact(inv)
+        touches = history.touches(inv.customer.id, inv.customer.account_id, contact)
+        zone = inv.customer.timezone or self.program.defaults.timezone
+        candidate = fatigue.Candidate(
+            customer_id=inv.customer.id,
+            account_id=inv.customer.account_id,
+            contact=contact,
+            channel=inv.channel,
+            survey_id=inv.survey_id,
+            trigger_id=inv.trigger_id,
+            send_at=inv.send_at,
+        )
+        at, deferred_by = inv.send_at, None
+        for _ in range(16):  # fatigue and quiet hours each move the time only forward
+            at = fatigue.allowed_from(self.program.fatigue, at, inv.channel, zone)
+            verdict = fatigue.check(
+                self.program.fatigue,
+                replace(candidate, send_at=at),
+                touches,
+                ignore=survey.ignore_fatigue,
+            )
+            if verdict.action == "drop":
+                return replace(
+                    outcome,
+                    decision="skipped",
+                    reason=f"fatigue:{verdict.rule}",
+                    invitation=None,
+                    next_eligible_at=verdict.next_eligible_at,
+                    detail={**verdict.seen, "channel": inv.channel},
+                )
+            if verdict.action == "allow":
+                break
+            assert verdict.send_at is not None
+            at, deferred_by = verdict.send_at, verdict
+        if at == inv.send_at:
+            return outcome
+        moved = inv.model_copy(update={"send_at": at, "expires_at": at + survey.link_expiry})
+        detail = {
+            **outcome.detail,
+            "send_at": at.isoformat(),
+            "timezone": zone or "unknown",
+            "requested_send_at": inv.send_at.isoformat(),
+        }
+        if deferred_by is not None:
+            return replace(
+                outcome,
+                decision="deferred",
+                reason=f"fatigue:{deferred_by.rule}",
+                invitation=moved,
+                next_eligible_at=at,
+                detail={**detail, **deferred_by.seen},
+            )
+        return replace(
+            outcome, reason="quiet_hours", invitation=moved, next_eligible_at=at, detail=detail
+        )
 
     def _prefer_priority(
         self, batch: list[CloudEvent], outcomes: dict[EventKey, list[rules.Outcome]]

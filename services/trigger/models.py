@@ -54,11 +54,16 @@ class Decision(Base):
 
 
 class Invitation(Base):
-    """Invitations this trigger issued, for coalescing and ``cancel_on``: which are still
-    pending (``send_at`` in the future) and which case they are about."""
+    """Invitations this trigger issued: for coalescing and ``cancel_on`` (which are still
+    pending, which case they are about) and the fatigue history (the reservations that limits
+    are counted on, by customer, account and contact point)."""
 
     __tablename__ = "trigger_invitations"
-    __table_args__ = (Index(None, "customer_id", "trigger_id", "created_at"),)
+    __table_args__ = (
+        Index(None, "customer_id", "trigger_id", "created_at"),
+        Index(None, "account_id", "send_at"),
+        Index(None, "contact", "send_at"),
+    )
 
     invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(200))
@@ -70,3 +75,9 @@ class Invitation(Base):
     # The time of the event that caused it (the coalescing window counts from here).
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    account_id: Mapped[str | None] = mapped_column(String(200))
+    # The email address or phone number it goes to (contact-point fatigue rules).
+    contact: Mapped[str | None] = mapped_column(String(320))
+    channel: Mapped[str] = mapped_column(String(10), default="email")
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    responded_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, or_, select, tuple_, update
+from sqlalchemy import Table, bindparam, or_, select, text, tuple_, update
 from sqlalchemy import insert as insert_stmt
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -75,20 +75,62 @@ async def set_published(session: AsyncSession, rows: list[dict[str, Any]]) -> No
         )
 
 
+async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
+    """Serialize fatigue reservations on these keys (customer, account, contact point) across
+    every trigger worker until this transaction ends: PostgreSQL advisory locks, taken in one
+    statement in a fixed order so workers never deadlock. SQLite has a single writer already."""
+    if not keys or session.bind is None or session.bind.dialect.name != "postgresql":
+        return
+    await session.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
+            "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS ordered"
+        ),
+        {"keys": sorted(set(keys))},
+    )
+
+
 async def recent_invitations(
-    session: AsyncSession, customers: Sequence[str], since: datetime, now: datetime
+    session: AsyncSession,
+    *,
+    customers: Sequence[str],
+    accounts: Sequence[str] = (),
+    contacts: Sequence[str] = (),
+    since: datetime,
+    now: datetime,
 ) -> list[Invitation]:
-    """The customers' invitations created since ``since`` or still pending, oldest first."""
+    """Invitations of these customers, accounts or contact points created (or to be sent) since
+    ``since``, or still pending: the history fatigue limits and coalescing look at."""
     if not customers:
         return []
+    who = [Invitation.customer_id.in_(list(customers))]
+    if accounts:
+        who.append(Invitation.account_id.in_(list(accounts)))
+    if contacts:
+        who.append(Invitation.contact.in_(list(contacts)))
     stmt = (
         select(Invitation)
         .where(
-            Invitation.customer_id.in_(list(customers)),
-            or_(Invitation.created_at >= since, Invitation.send_at > now),
+            or_(*who),
+            or_(
+                Invitation.created_at >= since,
+                Invitation.send_at >= since,
+                Invitation.send_at > now,
+            ),
         )
         .order_by(Invitation.created_at)
     )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def decisions_for(
+    session: AsyncSession, customer_id: str, *, limit: int, before: int | None
+) -> list[Decision]:
+    """The customer's decisions, newest first; ``before`` is the id to page back from."""
+    stmt = select(Decision).where(Decision.customer_id == customer_id)
+    if before is not None:
+        stmt = stmt.where(Decision.id < before)
+    stmt = stmt.order_by(Decision.id.desc()).limit(limit)
     return list((await session.execute(stmt)).scalars())
 
 

@@ -23,7 +23,7 @@ from services.common.program import (
 
 INVITATION_NAMESPACE = uuid.UUID("6f4a3c1e-8b2d-5e7f-9a1b-0c2d3e4f5a6b")
 
-DecisionKind = Literal["invited", "skipped", "ignored", "cancelled"]
+DecisionKind = Literal["invited", "deferred", "skipped", "ignored", "cancelled"]
 
 
 @dataclass(frozen=True)
