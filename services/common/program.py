@@ -248,6 +248,51 @@ class Fatigue(_Model):
     )
 
 
+class CaseTracking(_Model):
+    """Which event types open and close a case (by ``data.case_id``)."""
+
+    opens: list[str] = Field(
+        default_factory=lambda: [
+            "ticket.created",
+            "ticket.reopened",
+            "case.created",
+            "case.reopened",
+        ]
+    )
+    closes: list[str] = Field(
+        default_factory=lambda: ["ticket.solved", "ticket.closed", "case.closed"]
+    )
+
+
+class Suppression(_Model):
+    """Who is never surveyed, whatever the limits say."""
+
+    excluded_domains: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+$")]] = Field(
+        default_factory=list, description="Email domains never surveyed (and their subdomains)"
+    )
+    open_case: CaseTracking | None = Field(
+        default=None,
+        description="No survey while the customer has another open case (cases are tracked "
+        "from the events' case_id and these event types)",
+    )
+    detractor_cooldown: Duration | None = Field(
+        default=None, description="No survey for this long after an unhappy answer"
+    )
+    detractor_max: dict[Metric, int] = Field(
+        default_factory=lambda: {"nps": 6, "csat": 2, "ces": 2},  # type: ignore[arg-type]
+        description="The highest score that counts as unhappy, per metric",
+    )
+
+
+class Quota(_Model):
+    """At most ``limit`` invitations of one survey per calendar day or month (in the program's
+    default time zone, else UTC): SMS costs money."""
+
+    survey: Slug
+    per: Literal["day", "month"]
+    limit: Annotated[int, Field(ge=0)]
+
+
 class Defaults(_Model):
     locale: Literal["fi", "sv", "en"] = "en"
     timezone: TimeZone | None = Field(
@@ -263,6 +308,8 @@ class Program(_Model):
     triggers: list[Trigger] = Field(default_factory=list)
     sources: dict[Vendor, SourceConfig] = Field(default_factory=dict)
     fatigue: Fatigue = Fatigue()
+    suppression: Suppression = Suppression()
+    quotas: list[Quota] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_references(self) -> Program:
@@ -283,6 +330,13 @@ class Program(_Model):
                     ("surveys", i, "question"),
                     f"no question in the default locale {self.defaults.locale!r}",
                 )
+        for i, quota in enumerate(self.quotas):
+            if quota.survey not in ids:
+                raise _at(("quotas", i, "survey"), f"unknown survey {quota.survey!r}")
+        rule_ids = [r.id for r in self.fatigue.rules]
+        for i, rule in enumerate(self.fatigue.rules):
+            if rule_ids.count(rule.id) > 1:
+                raise _at(("fatigue", "rules", i, "id"), f"duplicate rule id {rule.id!r}")
         trigger_ids = [t.id for t in self.triggers]
         for i, trigger in enumerate(self.triggers):
             if trigger_ids.count(trigger.id) > 1:

@@ -89,12 +89,14 @@ class Runtime:
         handler: Handler[M],
         after_batch: Callable[[], None] | None = None,
         prepare: Prepare[M] | None = None,
+        group: str | None = None,
     ) -> ConsumerLoop[M]:
-        """Run ``handler`` over ``topic`` in this service's consumer group."""
+        """Run ``handler`` over ``topic`` in this service's consumer group (or in
+        ``<prefix><service>.<group>`` when a service reads several topics in separate loops)."""
         loop = ConsumerLoop(
             name=name,
             topic=topic,
-            group_id=self.group_prefix,
+            group_id=f"{self.group_prefix}.{group}" if group else self.group_prefix,
             decode=decode,
             handler=handler,
             sessions=self.sessions,
@@ -126,8 +128,9 @@ class Runtime:
         if self.kafka.create_topics:
             await ensure_topics(self.kafka)
         await self.producer.start()
+        # Consumers join their groups concurrently: a join waits for the group to settle.
+        await asyncio.gather(*(loop.start() for loop in self.loops))
         for loop in self.loops:
-            await loop.start()
             assert loop._task is not None
             loop._task.add_done_callback(self._on_done)
         for name, run, _stop in self._workers:

@@ -6,13 +6,19 @@ import httpx
 from fastapi import FastAPI
 
 from services.common import events
-from services.common.events import CloudEvent
+from services.common.events import (
+    CloudEvent,
+    DeliveryRecorded,
+    OptOutRecorded,
+    ResponseSubmitted,
+)
 from services.common.http import bearer_auth
+from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
 from services.common.tokens import LinkKeys
-from services.trigger import api, ledger
+from services.trigger import api, feedback, ledger
 from services.trigger.config import TriggerSettings
 from services.trigger.decoding import decode_event
 from services.trigger.enrich import Enricher
@@ -45,6 +51,27 @@ def create_app(
         decode_event,
         EventHandler(program, links, lookup_notes=lambda: enricher.notes),
         prepare=enricher,
+    )
+    runtime.consume(
+        "trigger-deliveries",
+        events.DELIVERIES,
+        json_decoder(DeliveryRecorded),
+        feedback.on_deliveries,
+        group="deliveries",
+    )
+    runtime.consume(
+        "trigger-responses",
+        events.RESPONSES,
+        json_decoder(ResponseSubmitted),
+        feedback.ResponseHandler(program),
+        group="responses",
+    )
+    runtime.consume(
+        "trigger-optouts",
+        events.OPTOUTS,
+        json_decoder(OptOutRecorded),
+        feedback.OptOutHandler(),
+        group="optouts",
     )
 
     app = service_app("kaiku trigger", runtime)

@@ -24,7 +24,7 @@ from datetime import time as clock_time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from services.common.program import Fatigue, FatigueRule, QuietHours
+from services.common.program import Fatigue, FatigueRule, QuietHours, Suppression
 
 Channel = Literal["email", "sms"]
 
@@ -227,3 +227,72 @@ def allowed_from(
         if not moved:
             return at
     raise ValueError("quiet hours leave no time to send: check the program's quiet_hours")
+
+
+# -- suppression and quotas -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomerState:
+    """What suppression looks at, loaded for the customer by the repository."""
+
+    # (contact point, channel) pairs that opted out; a None contact means the whole customer.
+    opted_out: frozenset[tuple[str | None, str]] = frozenset()
+    open_cases: frozenset[str] = frozenset()
+    last_unhappy_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Suppressed:
+    reason: str
+    detail: dict[str, Any]
+    next_eligible_at: datetime | None = None
+
+
+def suppressed(
+    suppression: Suppression,
+    candidate: Candidate,
+    state: CustomerState,
+    *,
+    case_id: str | None,
+    email: str | None,
+    now: datetime,
+    ignore_fatigue: bool = False,
+) -> Suppressed | None:
+    """Why this candidate must not be surveyed at all, or None. Opt-outs and excluded domains
+    hold even for surveys that ignore fatigue; open cases and the cool-down do not."""
+    if (candidate.contact, candidate.channel) in state.opted_out or (
+        None,
+        candidate.channel,
+    ) in state.opted_out:
+        return Suppressed("opted_out", {"channel": candidate.channel})
+    domain = email.rsplit("@", 1)[1].lower() if email and "@" in email else None
+    for excluded in suppression.excluded_domains:
+        if domain and (domain == excluded.lower() or domain.endswith("." + excluded.lower())):
+            return Suppressed("excluded_domain", {"domain": excluded})
+    if ignore_fatigue:
+        return None
+    if suppression.open_case is not None:
+        others = sorted(state.open_cases - {case_id} if case_id else state.open_cases)
+        if others:
+            return Suppressed("open_case", {"open_cases": len(others)})
+    cooldown = suppression.detractor_cooldown
+    if cooldown and state.last_unhappy_at and now < state.last_unhappy_at + cooldown:
+        until = state.last_unhappy_at + cooldown
+        return Suppressed("detractor_cooldown", {"cooldown": str(cooldown)}, until)
+    return None
+
+
+def quota_period(
+    at: datetime, per: Literal["day", "month"], timezone: str | None
+) -> tuple[datetime, datetime]:
+    """The calendar day or month holding ``at`` (in ``timezone``, else UTC), as UTC bounds."""
+    zone = ZoneInfo(timezone) if timezone else ZoneInfo("UTC")
+    local = at.astimezone(zone)
+    if per == "day":
+        start_day = local.date()
+        end_day = start_day + timedelta(days=1)
+    else:
+        start_day = local.date().replace(day=1)
+        end_day = (start_day + timedelta(days=32)).replace(day=1)
+    return _at(start_day, clock_time(0), zone), _at(end_day, clock_time(0), zone)

@@ -156,6 +156,7 @@ class EventHandler:
         if not mine:
             return HandlerResult(publish=publish)
 
+        await self._remember(session, mine, now)
         outputs, decisions, new, cancelled = await self._decide(session, mine, now)
         await repository.add_invitations(session, new)
         await repository.mark_cancelled(session, cancelled, now)
@@ -176,6 +177,32 @@ class EventHandler:
         for d in decisions:
             DECISIONS.labels(decision=d["decision"], reason=d["reason"]).inc()
         return HandlerResult(publish=publish)
+
+    async def _remember(
+        self, session: AsyncSession, batch: list[CloudEvent], now: datetime
+    ) -> None:
+        """Customers' last known time zones and their open cases, from this batch's events."""
+        zones = {e.customer_id: e.data.customer.timezone for e in batch if e.data.customer.timezone}
+        await repository.remember_customers(
+            session,
+            [{"customer_id": c, "timezone": z, "updated_at": now} for c, z in zones.items()],
+        )
+        tracking = self.program.suppression.open_case
+        if tracking is None:
+            return
+        cases: dict[tuple[str, str], bool] = {}
+        for e in batch:
+            if e.data.case_id and e.type in tracking.opens:
+                cases[(e.customer_id, e.data.case_id)] = True
+            elif e.data.case_id and e.type in tracking.closes:
+                cases[(e.customer_id, e.data.case_id)] = False
+        await repository.update_cases(
+            session,
+            [
+                {"customer_id": c, "case_id": k, "open": o, "updated_at": now}
+                for (c, k), o in cases.items()
+            ],
+        )
 
     async def _decide(
         self, session: AsyncSession, batch: list[CloudEvent], now: datetime
@@ -202,6 +229,11 @@ class EventHandler:
                 *(f"customer:{i.customer.id}" for i in invited),
                 *(f"account:{i.customer.account_id}" for i in invited if i.customer.account_id),
                 *(f"contact:{c}" for i in invited if (c := _contact(i))),
+                *(
+                    f"quota:{q.survey}"
+                    for q in self.program.quotas
+                    if any(i.survey_id == q.survey for i in invited)
+                ),
             ],
         )
         rules_window = max((r.window for r in self.program.fatigue.rules), default=timedelta(0))
@@ -236,6 +268,9 @@ class EventHandler:
                 )
             )
 
+        self._states = await self._customer_states(session, batch, invited)
+        self._quota_used: dict[tuple[str, datetime], int] = {}
+        self._session = session
         outputs: dict[EventKey, list[Outgoing]] = {}
         decisions: list[dict[str, Any]] = []
         new: list[dict[str, Any]] = []
@@ -300,7 +335,7 @@ class EventHandler:
                         functools.partial(cancel, event=event, reason="coalesced", out=out),
                     )
                 if outcome.invitation is not None and outcome.survey is not None:
-                    outcome = self._fatigue(outcome, event, history, now)
+                    outcome = await self._fatigue(outcome, event, history, now)
                 if outcome.invitation is not None and trigger is not None:
                     inv = outcome.invitation
                     out.append(Outgoing(events.INVITATIONS, event.customer_id, inv))
@@ -375,15 +410,61 @@ class EventHandler:
             cancel(p)
         return outcome
 
-    def _fatigue(
+    async def _customer_states(
+        self, session: AsyncSession, batch: list[CloudEvent], invited: list[InvitationRequested]
+    ) -> dict[str, fatigue.CustomerState]:
+        ids = sorted({e.customer_id for e in batch})
+        known = await repository.customers(session, ids)
+        cases = await repository.open_cases(session, ids)
+        opted: dict[str, set[tuple[str | None, str]]] = defaultdict(set)
+        contacts = {c: i.customer.id for i in invited if (c := _contact(i))}
+        for o in await repository.optouts(session, ids, sorted(contacts)):
+            whom = contacts.get(o.contact or "", o.customer_id)
+            opted[whom].add((o.contact, o.channel))
+            if o.contact is None or o.customer_id == whom:
+                opted[o.customer_id].add((o.contact, o.channel))
+        self._zones = {c: k.timezone for c, k in known.items() if k.timezone}
+        return {
+            c: fatigue.CustomerState(
+                opted_out=frozenset(opted.get(c, ())),
+                open_cases=frozenset(cases.get(c, ())),
+                last_unhappy_at=known[c].last_unhappy_at if c in known else None,
+            )
+            for c in ids
+        }
+
+    async def _quota_full(self, survey_id: str, at: datetime) -> str | None:
+        """The quota this send would exceed (and reserve a place in the others), or None."""
+        zone = self.program.defaults.timezone
+        quotas = [q for q in self.program.quotas if q.survey == survey_id]
+        periods = []
+        for quota in quotas:
+            start, end = fatigue.quota_period(at, quota.per, zone)
+            key = (f"{survey_id}:{quota.per}", start)
+            if key not in self._quota_used:
+                self._quota_used[key] = await repository.quota_used(
+                    self._session, survey_id, start, end
+                )
+            if self._quota_used[key] >= quota.limit:
+                return f"quota:{survey_id}:{quota.per}"
+            periods.append(key)
+        for key in periods:
+            self._quota_used[key] += 1
+        return None
+
+    async def _fatigue(
         self, outcome: rules.Outcome, event: CloudEvent, history: _History, now: datetime
     ) -> rules.Outcome:
-        """Fatigue limits and quiet hours: allow, drop, or move the send later."""
+        """Suppression, fatigue limits, quiet hours and quotas: allow, drop, or move the send."""
         inv, survey = outcome.invitation, outcome.survey
         assert inv is not None and survey is not None
         contact = _contact(inv)
         touches = history.touches(inv.customer.id, inv.customer.account_id, contact)
-        zone = inv.customer.timezone or self.program.defaults.timezone
+        zone = (
+            inv.customer.timezone
+            or self._zones.get(inv.customer.id)
+            or self.program.defaults.timezone
+        )
         candidate = fatigue.Candidate(
             customer_id=inv.customer.id,
             account_id=inv.customer.account_id,
@@ -393,6 +474,24 @@ class EventHandler:
             trigger_id=inv.trigger_id,
             send_at=inv.send_at,
         )
+        blocked = fatigue.suppressed(
+            self.program.suppression,
+            candidate,
+            self._states.get(inv.customer.id, fatigue.CustomerState()),
+            case_id=event.data.case_id,
+            email=inv.customer.email,
+            now=now,
+            ignore_fatigue=survey.ignore_fatigue,
+        )
+        if blocked is not None:
+            return replace(
+                outcome,
+                decision="skipped",
+                reason=f"suppressed:{blocked.reason}",
+                invitation=None,
+                next_eligible_at=blocked.next_eligible_at,
+                detail=blocked.detail,
+            )
         at, deferred_by = inv.send_at, None
         for _ in range(16):  # fatigue and quiet hours each move the time only forward
             at = fatigue.allowed_from(self.program.fatigue, at, inv.channel, zone)
@@ -415,6 +514,15 @@ class EventHandler:
                 break
             assert verdict.send_at is not None
             at, deferred_by = verdict.send_at, verdict
+        full = await self._quota_full(inv.survey_id, at)
+        if full is not None:
+            return replace(
+                outcome,
+                decision="skipped",
+                reason=full,
+                invitation=None,
+                detail={"send_at": at.isoformat()},
+            )
         if at == inv.send_at:
             return outcome
         moved = inv.model_copy(update={"send_at": at, "expires_at": at + survey.link_expiry})

@@ -80,4 +80,41 @@ class Invitation(Base):
     contact: Mapped[str | None] = mapped_column(String(320))
     channel: Mapped[str] = mapped_column(String(10), default="email")
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     responded_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class Customer(Base):
+    """What the trigger remembers of a customer between events."""
+
+    __tablename__ = "trigger_customers"
+
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    last_unhappy_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Case(Base):
+    """Open and closed cases per customer, from the events' case ids."""
+
+    __tablename__ = "trigger_cases"
+
+    customer_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    case_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    open: Mapped[bool] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class OptOut(Base):
+    """Contact points (or whole customers, when the contact point is not known) that asked for
+    no more surveys on a channel."""
+
+    __tablename__ = "trigger_optouts"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    customer_id: Mapped[str] = mapped_column(String(200), index=True)
+    contact: Mapped[str | None] = mapped_column(String(320), index=True)
+    channel: Mapped[str] = mapped_column(String(10))
+    source: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, or_, select, text, tuple_, update
+from sqlalchemy import Table, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy import insert as insert_stmt
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.trigger.models import Decision, Invitation, ProcessedEvent
+from services.trigger.models import Case, Customer, Decision, Invitation, OptOut, ProcessedEvent
 
 EventKey = tuple[str, str]
 
@@ -144,3 +144,126 @@ async def mark_cancelled(session: AsyncSession, ids: list[uuid.UUID], now: datet
         await session.execute(
             update(Invitation).where(Invitation.invitation_id.in_(ids)).values(cancelled_at=now)
         )
+
+
+def _insert(session: AsyncSession) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+async def remember_customers(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Upsert customers' last known time zones (rows: customer_id, timezone, updated_at)."""
+    if not rows:
+        return
+    stmt = _insert(session)(Customer).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id"],
+        set_={"timezone": stmt.excluded.timezone, "updated_at": stmt.excluded.updated_at},
+    )
+    await session.execute(stmt)
+
+
+async def mark_unhappy(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Upsert the time of customers' latest unhappy answer (customer_id, last_unhappy_at)."""
+    if not rows:
+        return
+    stmt = _insert(session)(Customer).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id"],
+        set_={
+            "last_unhappy_at": stmt.excluded.last_unhappy_at,
+            "updated_at": stmt.excluded.updated_at,
+        },
+    )
+    await session.execute(stmt)
+
+
+async def customers(session: AsyncSession, ids: Sequence[str]) -> dict[str, Customer]:
+    if not ids:
+        return {}
+    rows = await session.execute(select(Customer).where(Customer.customer_id.in_(list(ids))))
+    return {c.customer_id: c for c in rows.scalars()}
+
+
+async def update_cases(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Upsert cases' open/closed state (customer_id, case_id, open, updated_at)."""
+    if not rows:
+        return
+    stmt = _insert(session)(Case).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id", "case_id"],
+        set_={"open": stmt.excluded.open, "updated_at": stmt.excluded.updated_at},
+    )
+    await session.execute(stmt)
+
+
+async def open_cases(session: AsyncSession, ids: Sequence[str]) -> dict[str, set[str]]:
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(Case.customer_id, Case.case_id).where(Case.customer_id.in_(list(ids)), Case.open)
+    )
+    found: dict[str, set[str]] = {}
+    for customer_id, case_id in rows.all():
+        found.setdefault(customer_id, set()).add(case_id)
+    return found
+
+
+async def optouts(
+    session: AsyncSession, customer_ids: Sequence[str], contacts: Sequence[str]
+) -> list[OptOut]:
+    if not customer_ids and not contacts:
+        return []
+    stmt = select(OptOut).where(
+        or_(OptOut.customer_id.in_(list(customer_ids)), OptOut.contact.in_(list(contacts)))
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def add_optouts(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await session.execute(insert_stmt(OptOut), rows)
+
+
+async def contacts_of(
+    session: AsyncSession, invitation_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[str | None, str]]:
+    """The contact point and channel of each invitation."""
+    if not invitation_ids:
+        return {}
+    rows = await session.execute(
+        select(Invitation.invitation_id, Invitation.contact, Invitation.channel).where(
+            Invitation.invitation_id.in_(list(invitation_ids))
+        )
+    )
+    return {i: (c, ch) for i, c, ch in rows.all()}
+
+
+async def record_outcomes(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Delivery and response times of invitations (b_id plus delivered_at / failed_at /
+    responded_at; a value already set is kept)."""
+    table = cast(Table, Invitation.__table__)
+    for column in ("delivered_at", "failed_at", "responded_at"):
+        batch = [{"b_id": r["b_id"], "b_value": r[column]} for r in rows if r.get(column)]
+        if batch:
+            await session.execute(
+                update(table)
+                .where(table.c.invitation_id == bindparam("b_id"), table.c[column].is_(None))
+                .values({column: bindparam("b_value")}),
+                batch,
+            )
+
+
+async def quota_used(session: AsyncSession, survey_id: str, start: datetime, end: datetime) -> int:
+    """Invitations of a survey to be sent in [start, end), not cancelled."""
+    stmt = (
+        select(func.count())
+        .select_from(Invitation)
+        .where(
+            Invitation.survey_id == survey_id,
+            Invitation.send_at >= start,
+            Invitation.send_at < end,
+            Invitation.cancelled_at.is_(None),
+        )
+    )
+    return int((await session.execute(stmt)).scalar_one())

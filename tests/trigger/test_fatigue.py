@@ -356,3 +356,101 @@ def test_an_unknown_time_zone_never_sends_at_night_anywhere_it_could_be() -> Non
     assert got == utc("2026-11-20T13:00:00+00:00")
     for zone in ("America/New_York", "Europe/Helsinki"):
         assert 8 <= got.astimezone(__import__("zoneinfo").ZoneInfo(zone)).hour < 21
+
+
+# -- suppression and quotas -----------------------------------------------------------------------
+
+SUPPRESSION = {
+    "excluded_domains": ["competitor.example"],
+    "open_case": {},
+    "detractor_cooldown": "90d",
+}
+
+
+def suppression() -> Any:
+    from services.common.program import Suppression
+
+    return Suppression.model_validate(SUPPRESSION)
+
+
+@pytest.mark.parametrize(
+    ("state", "changes", "expected"),
+    [
+        ({}, {}, None),
+        ({"opted_out": {("c1@example.com", "email")}}, {}, "opted_out"),
+        ({"opted_out": {("c1@example.com", "sms")}}, {}, None),  # another channel
+        ({"opted_out": {(None, "email")}}, {}, "opted_out"),  # the whole customer
+        ({}, {"email": "boss@competitor.example"}, "excluded_domain"),
+        ({}, {"email": "boss@eu.competitor.example"}, "excluded_domain"),
+        ({}, {"email": "boss@notcompetitor.example"}, None),
+        ({"open_cases": {"T-2"}}, {}, "open_case"),
+        ({"open_cases": {"T-1"}}, {}, None),  # the case this survey is about
+        ({"last_unhappy_at": T0 - 30 * DAY}, {}, "detractor_cooldown"),
+        ({"last_unhappy_at": T0 - 91 * DAY}, {}, None),
+        # A survey that ignores fatigue still respects opt-outs, not the cool-down.
+        ({"last_unhappy_at": T0 - DAY}, {"ignore": True}, None),
+        ({"opted_out": {(None, "email")}}, {"ignore": True}, "opted_out"),
+    ],
+)
+def test_suppression(state: dict[str, Any], changes: dict[str, Any], expected: str | None) -> None:
+    from services.trigger.fatigue import CustomerState, suppressed
+
+    customer = CustomerState(
+        opted_out=frozenset(state.get("opted_out", ())),
+        open_cases=frozenset(state.get("open_cases", ())),
+        last_unhappy_at=state.get("last_unhappy_at"),
+    )
+    got = suppressed(
+        suppression(),
+        candidate(),
+        customer,
+        case_id="T-1",
+        email=changes.get("email", "c1@example.com"),
+        now=T0,
+        ignore_fatigue=changes.get("ignore", False),
+    )
+    assert (got.reason if got else None) == expected
+    if expected == "detractor_cooldown":
+        assert got is not None
+        assert got.next_eligible_at == T0 + 60 * DAY
+
+
+@pytest.mark.parametrize(
+    ("at", "per", "zone", "start", "end"),
+    [
+        (
+            "2026-11-20T23:30:00+00:00",
+            "day",
+            "Europe/Helsinki",
+            "2026-11-21T00:00:00+02:00",
+            "2026-11-22T00:00:00+02:00",
+        ),
+        (
+            "2026-11-20T23:30:00+00:00",
+            "day",
+            None,
+            "2026-11-20T00:00:00+00:00",
+            "2026-11-21T00:00:00+00:00",
+        ),
+        (
+            "2026-03-29T12:00:00+00:00",
+            "day",
+            "Europe/Helsinki",  # a 23-hour day
+            "2026-03-29T00:00:00+02:00",
+            "2026-03-30T00:00:00+03:00",
+        ),
+        (
+            "2026-12-31T22:30:00+00:00",
+            "month",
+            "Europe/Helsinki",
+            "2027-01-01T00:00:00+02:00",
+            "2027-02-01T00:00:00+02:00",
+        ),
+    ],
+)
+def test_quota_periods_are_calendar_days_and_months(
+    at: str, per: Any, zone: str | None, start: str, end: str
+) -> None:
+    from services.trigger.fatigue import quota_period
+
+    assert quota_period(utc(at), per, zone) == (utc(start), utc(end))
