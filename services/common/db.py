@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from services.common.config import DatabaseSettings
@@ -72,6 +73,8 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        else:  # one in-memory database shared by every session (kaiku simulate)
+            kwargs["poolclass"] = StaticPool
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_size"] = settings.pool_size

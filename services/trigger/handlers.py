@@ -35,6 +35,9 @@ from services.trigger.repository import EventKey
 
 log = logging.getLogger(__name__)
 
+# Surveys that qualify for one customer closer together than this compete on priority.
+PRIORITY_WINDOW = timedelta(hours=1)
+
 DECISIONS = Counter("kaiku_trigger_decisions_total", "Trigger decisions", ["decision", "reason"])
 
 
@@ -548,31 +551,37 @@ class EventHandler:
     def _prefer_priority(
         self, batch: list[CloudEvent], outcomes: dict[EventKey, list[rules.Outcome]]
     ) -> None:
-        """When several surveys qualify for one customer at once (one event, or one batch), the
-        highest priority wins; the others are skipped with that reason."""
-        best: dict[str, int] = {}
+        """When several surveys qualify for one customer at once (from one event, or from events
+        of one batch less than ``PRIORITY_WINDOW`` apart), the highest priority wins; the others
+        are skipped with that reason."""
+        qualified: dict[str, list[tuple[datetime | None, int]]] = defaultdict(list)
         for e in batch:
             for o in outcomes[(e.source, e.id)]:
                 if o.decision == "invited" and o.trigger is not None:
-                    best[e.customer_id] = max(
-                        best.get(e.customer_id, o.trigger.priority), o.trigger.priority
-                    )
+                    qualified[e.customer_id].append((e.time, o.trigger.priority))
+
+        def winner(e: CloudEvent) -> int:
+            return max(
+                (
+                    p
+                    for t, p in qualified[e.customer_id]
+                    if t is None or e.time is None or abs(t - e.time) < PRIORITY_WINDOW
+                ),
+                default=-(2**31),
+            )
+
         for e in batch:
             key = (e.source, e.id)
+            best = winner(e)
             outcomes[key] = [
                 replace(
                     o,
                     decision="skipped",
                     reason="lower_priority",
                     invitation=None,
-                    detail={
-                        "priority": o.trigger.priority,
-                        "winning_priority": best[e.customer_id],
-                    },
+                    detail={"priority": o.trigger.priority, "winning_priority": best},
                 )
-                if o.decision == "invited"
-                and o.trigger is not None
-                and o.trigger.priority < best[e.customer_id]
+                if o.decision == "invited" and o.trigger is not None and o.trigger.priority < best
                 else o
                 for o in outcomes[key]
             ]
