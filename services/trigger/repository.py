@@ -38,19 +38,25 @@ async def mark_processed(session: AsyncSession, rows: list[dict[str, Any]]) -> s
         return set()
     dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = _table(ProcessedEvent)  # Core, not the ORM's bulk machinery: it is the hot path
     stmt = (
-        insert(ProcessedEvent)
-        .values(rows)
+        insert(table)
         .on_conflict_do_nothing(index_elements=["source", "event_id"])
-        .returning(ProcessedEvent.source, ProcessedEvent.event_id)
+        .returning(table.c.source, table.c.event_id)
     )
-    result = await session.execute(stmt)
+    # An executemany with RETURNING: SQLAlchemy batches it into multi-row INSERTs whose compiled
+    # form is cached (a .values(rows) statement compiles anew for every batch size).
+    result = await session.execute(stmt, rows)
     return {(r.source, r.event_id) for r in result}
+
+
+def _table(model: type[Any]) -> Table:
+    return cast(Table, model.__table__)
 
 
 async def record_decisions(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await session.execute(insert_stmt(Decision), rows)
+        await session.execute(insert_stmt(_table(Decision)), rows)
 
 
 async def set_published(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
@@ -136,7 +142,7 @@ async def decisions_for(
 
 async def add_invitations(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await session.execute(insert_stmt(Invitation), rows)
+        await session.execute(insert_stmt(_table(Invitation)), rows)
 
 
 async def mark_cancelled(session: AsyncSession, ids: list[uuid.UUID], now: datetime) -> None:
@@ -222,7 +228,7 @@ async def optouts(
 
 async def add_optouts(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await session.execute(insert_stmt(OptOut), rows)
+        await session.execute(insert_stmt(_table(OptOut)), rows)
 
 
 async def contacts_of(

@@ -292,6 +292,21 @@ async def main(n: int) -> list[Figure]:
         finally:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+        # For contrast: the same code, one event per transaction (per-event SQL statements).
+        pg = await pg_schema()
+        try:
+            one_by_one = kafka.model_copy(update={"max_batch": 1})
+            figures.append(
+                Figure(
+                    "trigger_events_postgres_per_event",
+                    await trigger_loop(one_by_one, pg, min(n, 2000)),
+                    "events/s",
+                    baseline,
+                    "events/s",
+                )
+            )
+        finally:
+            await drop_schema(pg)
         figures.append(await webhook_ingress(kafka, max(1000, n // 5)))
     finally:
         broker.stop()
