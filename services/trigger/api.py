@@ -73,6 +73,32 @@ def parse_events(body: bytes, max_events: int) -> list[CloudEvent]:
     return out
 
 
+def event_message(event: CloudEvent) -> Outgoing:
+    """An accepted event as it goes onto kaiku.events: structured mode, keyed by customer."""
+    return Outgoing(
+        events.EVENTS,
+        event.customer_id,
+        event,
+        (("content-type", b"application/cloudevents+json"),),
+    )
+
+
+async def publish_or_unavailable(producer: Producer, messages: list[Outgoing]) -> None:
+    """Publish and await the broker's acknowledgement, or answer 503 with Retry-After: an
+    ingress never accepts what it could not store."""
+    try:
+        async with asyncio.timeout(producer.settings.produce_timeout_seconds):
+            await producer.publish(messages)
+    except (KafkaError, TimeoutError) as exc:
+        log.warning("not accepted: the broker did not acknowledge (%s)", type(exc).__name__)
+        raise ApiError(
+            503,
+            "unavailable",
+            "the event store is unavailable; retry later",
+            headers={"Retry-After": "5"},
+        ) from None
+
+
 def router(producer: Producer, auth: Any, max_body: int, max_events: int) -> APIRouter:
     api = APIRouter()
 
@@ -113,28 +139,7 @@ def router(producer: Producer, auth: Any, max_body: int, max_events: int) -> API
             )
         body = await read_body(request, max_body)
         batch = parse_events(body, max_events)
-        messages = [
-            Outgoing(
-                events.EVENTS,
-                e.customer_id,
-                e,
-                (("content-type", b"application/cloudevents+json"),),
-            )
-            for e in batch
-        ]
-        try:
-            async with asyncio.timeout(producer.settings.produce_timeout_seconds):
-                await producer.publish(messages)
-        except (KafkaError, TimeoutError) as exc:
-            log.warning(
-                "events not accepted: the broker did not acknowledge (%s)", type(exc).__name__
-            )
-            raise ApiError(
-                503,
-                "unavailable",
-                "the event store is unavailable; retry later",
-                headers={"Retry-After": "5"},
-            ) from None
+        await publish_or_unavailable(producer, [event_message(e) for e in batch])
         return JSONResponse({"accepted": [e.id for e in batch]}, status_code=202)
 
     return api

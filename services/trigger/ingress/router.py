@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
@@ -18,6 +16,7 @@ from services.common.events import CloudEvent, utcnow
 from services.common.http import ApiError, ErrorResponse, read_body
 from services.common.kafka import Outgoing, Producer
 from services.common.program import Program
+from services.trigger.api import event_message, publish_or_unavailable
 from services.trigger.ingress import Vendor, WebhookError, WebhookRequest
 from services.trigger.ingress.mapping import Ignored, Unmappable, to_event
 
@@ -124,26 +123,14 @@ def router(
                 ignored.append(result.vendor_type)
             else:
                 dead.append(result)
-        messages = [
-            Outgoing(
-                events.EVENTS,
-                e.customer_id,
-                e,
-                (("content-type", b"application/cloudevents+json"),),
-            )
-            for e in accepted
-        ] + [_dead_letter(source, d.event_id, d.reason, body) for d in dead]
+        messages = [event_message(e) for e in accepted] + [
+            _dead_letter(source, d.event_id, d.reason, body) for d in dead
+        ]
         try:
-            async with asyncio.timeout(producer.settings.produce_timeout_seconds):
-                await producer.publish(messages)
-        except (KafkaError, TimeoutError):
+            await publish_or_unavailable(producer, messages)
+        except ApiError:
             WEBHOOKS.labels(source=source, outcome="unavailable").inc()
-            raise ApiError(
-                503,
-                "unavailable",
-                "the event store is unavailable; retry later",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise
         WEBHOOKS.labels(source=source, outcome="accepted").inc()
         for d in dead:
             log.warning("webhook item from %s dead-lettered: %s", source, d.reason)
