@@ -13,7 +13,7 @@ import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,6 +80,17 @@ class _Pending:
             responded_at=self.responded_at,
             status="cancelled" if self.cancelled else "pending",
         )
+
+
+@dataclass
+class _Batch:
+    """What one batch's decisions read and reserve, loaded once per batch."""
+
+    session: AsyncSession
+    history: _History
+    states: dict[str, fatigue.CustomerState]
+    zones: dict[str, str]  # customers' last known time zones
+    quota_used: dict[tuple[str, datetime], int] = field(default_factory=dict)
 
 
 class _History:
@@ -271,9 +282,8 @@ class EventHandler:
                 )
             )
 
-        self._states = await self._customer_states(session, batch, invited)
-        self._quota_used: dict[tuple[str, datetime], int] = {}
-        self._session = session
+        states, zones = await self._customer_states(session, batch, invited)
+        context = _Batch(session, history, states, zones)
         outputs: dict[EventKey, list[Outgoing]] = {}
         decisions: list[dict[str, Any]] = []
         new: list[dict[str, Any]] = []
@@ -338,7 +348,7 @@ class EventHandler:
                         functools.partial(cancel, event=event, reason="coalesced", out=out),
                     )
                 if outcome.invitation is not None and outcome.survey is not None:
-                    outcome = await self._fatigue(outcome, event, history, now)
+                    outcome = await self._fatigue(outcome, event, context, now)
                 if outcome.invitation is not None and trigger is not None:
                     inv = outcome.invitation
                     out.append(Outgoing(events.INVITATIONS, event.customer_id, inv))
@@ -401,13 +411,8 @@ class EventHandler:
         ]
         if any(p.send_at <= now for p in earlier):
             last = max(p.created_at for p in earlier if p.send_at <= now)
-            return replace(
-                outcome,
-                decision="skipped",
-                reason="coalesced",
-                invitation=None,
-                next_eligible_at=last + trigger.coalesce,
-                detail={"window": str(trigger.coalesce)},
+            return outcome.skipped(
+                "coalesced", {"window": str(trigger.coalesce)}, last + trigger.coalesce
             )
         for p in earlier:
             cancel(p)
@@ -415,7 +420,8 @@ class EventHandler:
 
     async def _customer_states(
         self, session: AsyncSession, batch: list[CloudEvent], invited: list[InvitationRequested]
-    ) -> dict[str, fatigue.CustomerState]:
+    ) -> tuple[dict[str, fatigue.CustomerState], dict[str, str]]:
+        """Suppression state and last known time zones of the batch's customers."""
         ids = sorted({e.customer_id for e in batch})
         known = await repository.customers(session, ids)
         cases = await repository.open_cases(session, ids)
@@ -426,8 +432,7 @@ class EventHandler:
             opted[whom].add((o.contact, o.channel))
             if o.contact is None or o.customer_id == whom:
                 opted[o.customer_id].add((o.contact, o.channel))
-        self._zones = {c: k.timezone for c, k in known.items() if k.timezone}
-        return {
+        states = {
             c: fatigue.CustomerState(
                 opted_out=frozenset(opted.get(c, ())),
                 open_cases=frozenset(cases.get(c, ())),
@@ -435,8 +440,9 @@ class EventHandler:
             )
             for c in ids
         }
+        return states, {c: k.timezone for c, k in known.items() if k.timezone}
 
-    async def _quota_full(self, survey_id: str, at: datetime) -> str | None:
+    async def _quota_full(self, batch: _Batch, survey_id: str, at: datetime) -> str | None:
         """The quota this send would exceed (and reserve a place in the others), or None."""
         zone = self.program.defaults.timezone
         quotas = [q for q in self.program.quotas if q.survey == survey_id]
@@ -444,28 +450,28 @@ class EventHandler:
         for quota in quotas:
             start, end = fatigue.quota_period(at, quota.per, zone)
             key = (f"{survey_id}:{quota.per}", start)
-            if key not in self._quota_used:
-                self._quota_used[key] = await repository.quota_used(
-                    self._session, survey_id, start, end
+            if key not in batch.quota_used:
+                batch.quota_used[key] = await repository.quota_used(
+                    batch.session, survey_id, start, end
                 )
-            if self._quota_used[key] >= quota.limit:
+            if batch.quota_used[key] >= quota.limit:
                 return f"quota:{survey_id}:{quota.per}"
             periods.append(key)
         for key in periods:
-            self._quota_used[key] += 1
+            batch.quota_used[key] += 1
         return None
 
     async def _fatigue(
-        self, outcome: rules.Outcome, event: CloudEvent, history: _History, now: datetime
+        self, outcome: rules.Outcome, event: CloudEvent, batch: _Batch, now: datetime
     ) -> rules.Outcome:
         """Suppression, fatigue limits, quiet hours and quotas: allow, drop, or move the send."""
         inv, survey = outcome.invitation, outcome.survey
         assert inv is not None and survey is not None
         contact = _contact(inv)
-        touches = history.touches(inv.customer.id, inv.customer.account_id, contact)
+        touches = batch.history.touches(inv.customer.id, inv.customer.account_id, contact)
         zone = (
             inv.customer.timezone
-            or self._zones.get(inv.customer.id)
+            or batch.zones.get(inv.customer.id)
             or self.program.defaults.timezone
         )
         candidate = fatigue.Candidate(
@@ -480,20 +486,15 @@ class EventHandler:
         blocked = fatigue.suppressed(
             self.program.suppression,
             candidate,
-            self._states.get(inv.customer.id, fatigue.CustomerState()),
+            batch.states.get(inv.customer.id, fatigue.CustomerState()),
             case_id=event.data.case_id,
             email=inv.customer.email,
             now=now,
             ignore_fatigue=survey.ignore_fatigue,
         )
         if blocked is not None:
-            return replace(
-                outcome,
-                decision="skipped",
-                reason=f"suppressed:{blocked.reason}",
-                invitation=None,
-                next_eligible_at=blocked.next_eligible_at,
-                detail=blocked.detail,
+            return outcome.skipped(
+                f"suppressed:{blocked.reason}", blocked.detail, blocked.next_eligible_at
             )
         at, deferred_by = inv.send_at, None
         for _ in range(16):  # fatigue and quiet hours each move the time only forward
@@ -505,27 +506,18 @@ class EventHandler:
                 ignore=survey.ignore_fatigue,
             )
             if verdict.action == "drop":
-                return replace(
-                    outcome,
-                    decision="skipped",
-                    reason=f"fatigue:{verdict.rule}",
-                    invitation=None,
-                    next_eligible_at=verdict.next_eligible_at,
-                    detail={**verdict.seen, "channel": inv.channel},
+                return outcome.skipped(
+                    f"fatigue:{verdict.rule}",
+                    {**verdict.seen, "channel": inv.channel},
+                    verdict.next_eligible_at,
                 )
             if verdict.action == "allow":
                 break
             assert verdict.send_at is not None
             at, deferred_by = verdict.send_at, verdict
-        full = await self._quota_full(inv.survey_id, at)
+        full = await self._quota_full(batch, inv.survey_id, at)
         if full is not None:
-            return replace(
-                outcome,
-                decision="skipped",
-                reason=full,
-                invitation=None,
-                detail={"send_at": at.isoformat()},
-            )
+            return outcome.skipped(full, {"send_at": at.isoformat()})
         if at == inv.send_at:
             return outcome
         moved = inv.model_copy(update={"send_at": at, "expires_at": at + survey.link_expiry})
@@ -574,12 +566,8 @@ class EventHandler:
             key = (e.source, e.id)
             best = winner(e)
             outcomes[key] = [
-                replace(
-                    o,
-                    decision="skipped",
-                    reason="lower_priority",
-                    invitation=None,
-                    detail={"priority": o.trigger.priority, "winning_priority": best},
+                o.skipped(
+                    "lower_priority", {"priority": o.trigger.priority, "winning_priority": best}
                 )
                 if o.decision == "invited" and o.trigger is not None and o.trigger.priority < best
                 else o

@@ -6,7 +6,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -35,6 +35,19 @@ class Outcome:
     invitation: InvitationRequested | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     next_eligible_at: datetime | None = None
+
+    def skipped(
+        self, reason: str, detail: dict[str, Any], next_eligible_at: datetime | None = None
+    ) -> Outcome:
+        """This outcome turned into a skip: no invitation, and why."""
+        return replace(
+            self,
+            decision="skipped",
+            reason=reason,
+            invitation=None,
+            detail=detail,
+            next_eligible_at=next_eligible_at,
+        )
 
 
 def invitation_id(event: CloudEvent, trigger: Trigger) -> uuid.UUID:
