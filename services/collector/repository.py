@@ -7,23 +7,18 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import Invitation, OptOut, Response
+from services.common.db import upsert_insert
 
 CONTEXT_FIELDS = ("touchpoint", "channel", "team", "agent", "account_id", "case_id")
-
-
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 async def store_invitations(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
         stmt = (
-            _insert(session)(Invitation)
+            upsert_insert(session)(Invitation)
             .values(rows)
             .on_conflict_do_nothing(index_elements=["invitation_id"])
         )
@@ -88,7 +83,7 @@ async def record_optout(
 ) -> None:
     """Idempotent: a second click on the same link records nothing new."""
     stmt = (
-        _insert(session)(OptOut)
+        upsert_insert(session)(OptOut)
         .values(
             invitation_id=invitation.invitation_id,
             optout_id=uuid.uuid4(),

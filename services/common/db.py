@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -94,6 +95,13 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
             cursor.close()
 
     return engine
+
+
+def upsert_insert(session: AsyncSession) -> Any:
+    """The INSERT construct of the session's database, which has ON CONFLICT (PostgreSQL's or
+    SQLite's): every repository's idempotent writes go through it."""
+    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -8,15 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import upsert_insert
 from services.dispatcher.models import Send
-
-
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 async def schedule(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
@@ -24,7 +19,7 @@ async def schedule(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
     if not rows:
         return 0
     stmt = (
-        _insert(session)(Send)
+        upsert_insert(session)(Send)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["invitation_id"])
         .returning(Send.invitation_id)

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy import insert as insert_stmt
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import upsert_insert
 from services.trigger.models import Case, Customer, Decision, Invitation, OptOut, ProcessedEvent
 
 EventKey = tuple[str, str]
@@ -36,8 +36,7 @@ async def mark_processed(session: AsyncSession, rows: list[dict[str, Any]]) -> s
     consumer may have won a race for the rest)."""
     if not rows:
         return set()
-    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = upsert_insert(session)
     table = _table(ProcessedEvent)  # Core, not the ORM's bulk machinery: it is the hot path
     stmt = (
         insert(table)
@@ -152,16 +151,11 @@ async def mark_cancelled(session: AsyncSession, ids: list[uuid.UUID], now: datet
         )
 
 
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
 async def remember_customers(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     """Upsert customers' last known time zones (rows: customer_id, timezone, updated_at)."""
     if not rows:
         return
-    stmt = _insert(session)(Customer).values(rows)
+    stmt = upsert_insert(session)(Customer).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["customer_id"],
         set_={"timezone": stmt.excluded.timezone, "updated_at": stmt.excluded.updated_at},
@@ -173,7 +167,7 @@ async def mark_unhappy(session: AsyncSession, rows: list[dict[str, Any]]) -> Non
     """Upsert the time of customers' latest unhappy answer (customer_id, last_unhappy_at)."""
     if not rows:
         return
-    stmt = _insert(session)(Customer).values(rows)
+    stmt = upsert_insert(session)(Customer).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["customer_id"],
         set_={
@@ -195,7 +189,7 @@ async def update_cases(session: AsyncSession, rows: list[dict[str, Any]]) -> Non
     """Upsert cases' open/closed state (customer_id, case_id, open, updated_at)."""
     if not rows:
         return
-    stmt = _insert(session)(Case).values(rows)
+    stmt = upsert_insert(session)(Case).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["customer_id", "case_id"],
         set_={"open": stmt.excluded.open, "updated_at": stmt.excluded.updated_at},
