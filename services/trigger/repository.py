@@ -267,3 +267,26 @@ async def quota_used(session: AsyncSession, survey_id: str, start: datetime, end
         )
     )
     return int((await session.execute(stmt)).scalar_one())
+
+
+async def deliver_due(session: AsyncSession, now: datetime) -> None:
+    """Mark every invitation due by ``now`` as delivered at its send time (``kaiku simulate``)."""
+    await session.execute(
+        update(Invitation)
+        .where(
+            Invitation.delivered_at.is_(None),
+            Invitation.send_at <= now,
+            Invitation.cancelled_at.is_(None),
+        )
+        .values(delivered_at=Invitation.send_at)
+    )
+
+
+async def all_decisions(session: AsyncSession) -> list[Decision]:
+    return list((await session.execute(select(Decision))).scalars())
+
+
+async def live_invitations(session: AsyncSession) -> list[Invitation]:
+    """Every invitation not cancelled."""
+    stmt = select(Invitation).where(Invitation.cancelled_at.is_(None))
+    return list((await session.execute(stmt)).scalars())

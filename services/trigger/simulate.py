@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
 
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
@@ -28,6 +28,7 @@ from services.common.events import CloudEvent
 from services.common.kafka import Incoming
 from services.common.program import Program
 from services.common.tokens import LinkKeys
+from services.trigger import repository
 from services.trigger.handlers import EventHandler
 from services.trigger.models import Base, Decision, Invitation
 
@@ -92,24 +93,10 @@ async def simulate(
             async with unit_of_work(sessions) as session:
                 await handler([Incoming(None, e) for e in batch], session)
                 # Invitations count as delivered when they are sent (for "delivered" clocks).
-                await session.execute(
-                    update(Invitation)
-                    .where(
-                        Invitation.delivered_at.is_(None),
-                        Invitation.send_at <= clock[0],
-                        Invitation.cancelled_at.is_(None),
-                    )
-                    .values(delivered_at=Invitation.send_at)
-                )
+                await repository.deliver_due(session, clock[0])
         async with sessions() as session:
-            decisions = list((await session.execute(select(Decision))).scalars())
-            invitations = list(
-                (
-                    await session.execute(
-                        select(Invitation).where(Invitation.cancelled_at.is_(None))
-                    )
-                ).scalars()
-            )
+            decisions = await repository.all_decisions(session)
+            invitations = await repository.live_invitations(session)
     finally:
         await engine.dispose()
     return _report(program, events, undated, invalid, decisions, invitations, window)
@@ -150,7 +137,7 @@ def _report(
     zone = program.defaults.timezone
     hours: Counter[str] = Counter()
     for i in invitations:
-        local = i.send_at.astimezone(__import__("zoneinfo").ZoneInfo(zone)) if zone else i.send_at
+        local = i.send_at.astimezone(ZoneInfo(zone)) if zone else i.send_at
         hours[local.strftime("%H:00")] += 1
     delays = [(i.send_at - i.created_at).total_seconds() / 3600 for i in invitations]
     customers = {e.customer_id for e in events}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -355,7 +356,7 @@ def test_an_unknown_time_zone_never_sends_at_night_anywhere_it_could_be() -> Non
     got = allowed_from(f, utc("2026-11-20T07:00:00+00:00"), "email", None)
     assert got == utc("2026-11-20T13:00:00+00:00")
     for zone in ("America/New_York", "Europe/Helsinki"):
-        assert 8 <= got.astimezone(__import__("zoneinfo").ZoneInfo(zone)).hour < 21
+        assert 8 <= got.astimezone(ZoneInfo(zone)).hour < 21
 
 
 # -- suppression and quotas -----------------------------------------------------------------------
