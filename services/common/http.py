@@ -29,6 +29,13 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's documented error statuses, all ``ErrorResponse``."""
+    return {
+        code: {"model": ErrorResponse, "description": text} for code, text in descriptions.items()
+    }
+
+
 class ApiError(Exception):
     def __init__(
         self,

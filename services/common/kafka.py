@@ -241,22 +241,52 @@ class Producer:
         return True
 
 
-def dead_letter(
-    record: ConsumerRecord, reason: str, *, consumer: str, error: str = "InvalidMessage"
+def dead_letter_of(
+    key: str,
+    value: bytes,
+    reason: str,
+    *,
+    origin: str,
+    consumer: str,
+    error: str,
+    headers: Sequence[tuple[str, bytes]] = (),
+    position: tuple[int, int] | None = None,
 ) -> Outgoing:
-    """The original bytes, key and headers, plus why and where from."""
-    headers = [(k, v) for k, v in (record.headers or ()) if not k.startswith(DLQ_HEADER_PREFIX)]
-    headers += [
+    """A dead letter: the original bytes, key and headers, plus why and where from (``origin``
+    is a topic name, or ``webhook:<source>`` for a webhook item; ``position`` its partition and
+    offset)."""
+    kept = [(k, v) for k, v in headers if not k.startswith(DLQ_HEADER_PREFIX)]
+    kept += [
         (f"{DLQ_HEADER_PREFIX}reason", reason[:4000].encode()),
         (f"{DLQ_HEADER_PREFIX}error", error.encode()),
-        (f"{DLQ_HEADER_PREFIX}topic", record.topic.encode()),
-        (f"{DLQ_HEADER_PREFIX}partition", str(record.partition).encode()),
-        (f"{DLQ_HEADER_PREFIX}offset", str(record.offset).encode()),
+        (f"{DLQ_HEADER_PREFIX}topic", origin.encode()),
+    ]
+    if position is not None:
+        kept += [
+            (f"{DLQ_HEADER_PREFIX}partition", str(position[0]).encode()),
+            (f"{DLQ_HEADER_PREFIX}offset", str(position[1]).encode()),
+        ]
+    kept += [
         (f"{DLQ_HEADER_PREFIX}consumer", consumer.encode()),
         (f"{DLQ_HEADER_PREFIX}at", datetime.now(UTC).isoformat().encode()),
     ]
-    key = record.key.decode(errors="replace") if record.key else ""
-    return Outgoing(events.DLQ, key, record.value or b"", tuple(headers))
+    return Outgoing(events.DLQ, key, value, tuple(kept))
+
+
+def dead_letter(
+    record: ConsumerRecord, reason: str, *, consumer: str, error: str = "InvalidMessage"
+) -> Outgoing:
+    """A consumed record that cannot be processed, as a dead letter."""
+    return dead_letter_of(
+        record.key.decode(errors="replace") if record.key else "",
+        record.value or b"",
+        reason,
+        origin=record.topic,
+        consumer=consumer,
+        error=error,
+        headers=record.headers or (),
+        position=(record.partition, record.offset),
+    )
 
 
 class ConsumerLoop(Generic[M]):

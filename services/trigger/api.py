@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from services.common import events
 from services.common.events import CloudEvent
-from services.common.http import ApiError, ErrorResponse, field_path, read_body
+from services.common.http import ApiError, error_responses, field_path, read_body
 from services.common.kafka import Outgoing, Producer
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,16 @@ class Accepted(BaseModel):
     accepted: list[str]
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+ERRORS = error_responses(
+    {
         400: "Malformed JSON",
         401: "Missing or wrong bearer token",
         413: "Body or batch too large",
         415: "Not a JSON content type",
         422: "Not a valid CloudEvent; the error names the field",
         503: "The broker did not acknowledge; retry after the Retry-After seconds",
-    }.items()
-}
+    }
+)
 
 
 def parse_events(body: bytes, max_events: int) -> list[CloudEvent]:

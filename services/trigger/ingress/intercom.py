@@ -60,7 +60,7 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import require_fresh, same
+from services.trigger.ingress.signing import require_fresh, same, signing_keys
 
 SIGNATURE_HEADER = "x-hub-signature"
 
@@ -80,11 +80,6 @@ class IntercomSettings(BaseSettings):
     access_token: SecretStr | None = None
     api_version: str = "2.11"
     cache_ttl_seconds: float = 300.0
-
-
-def signing_keys(secret: str) -> list[bytes]:
-    """The HMAC keys of ``KAIKU_INTERCOM_WEBHOOK_SECRET`` (comma-separated secrets)."""
-    return [part.strip().encode() for part in secret.split(",") if part.strip()]
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
-from services.common import events
 from services.common.events import CloudEvent, utcnow
-from services.common.http import ApiError, ErrorResponse, read_body
-from services.common.kafka import Outgoing, Producer
+from services.common.http import ApiError, error_responses, read_body
+from services.common.kafka import Outgoing, Producer, dead_letter_of
 from services.common.program import Program
 from services.trigger.api import event_message, publish_or_unavailable
 from services.trigger.ingress import Vendor, WebhookError, WebhookRequest
@@ -26,27 +24,27 @@ WEBHOOKS = Counter(
     "kaiku_webhooks_total", "Webhook requests by source and outcome", ["source", "outcome"]
 )
 
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
+RESPONSES = error_responses(
+    {
         400: "Malformed payload",
         401: "Missing, forged or stale signature",
         404: "Unknown or unconfigured source",
         413: "Body too large",
         415: "Not the content type the vendor sends",
         503: "The broker did not acknowledge; retry later",
-    }.items()
-}
+    }
+)
 
 
 def _dead_letter(vendor: str, item_id: str | None, reason: str, body: bytes) -> Outgoing:
-    headers = (
-        ("kaiku-dlq-reason", reason.encode()),
-        ("kaiku-dlq-error", b"Unmappable"),
-        ("kaiku-dlq-topic", f"webhook:{vendor}".encode()),
-        ("kaiku-dlq-consumer", b"trigger-webhooks"),
+    return dead_letter_of(
+        item_id or vendor,
+        body,
+        reason,
+        origin=f"webhook:{vendor}",
+        consumer="trigger-webhooks",
+        error="Unmappable",
     )
-    return Outgoing(events.DLQ, item_id or vendor, body, headers)
 
 
 def router(

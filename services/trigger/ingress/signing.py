@@ -24,6 +24,12 @@ def same(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
+def signing_keys(secret: str) -> list[bytes]:
+    """The HMAC keys of a secret setting that may list several, comma-separated (a vendor that
+    gives each webhook its own secret, or a rotation in progress)."""
+    return [part.strip().encode() for part in secret.split(",") if part.strip()]
+
+
 def require_fresh(timestamp: float, now: datetime, tolerance: float, what: str) -> None:
     """Refuse requests older (or further in the future) than ``tolerance`` seconds: replays."""
     age = now.timestamp() - timestamp

@@ -72,7 +72,7 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import b64, hmac_digest, require_fresh, same
+from services.trigger.ingress.signing import b64, hmac_digest, require_fresh, same, signing_keys
 
 SIGNATURE_HEADER = "x-zendesk-webhook-signature"
 TIMESTAMP_HEADER = "x-zendesk-webhook-signature-timestamp"
@@ -106,11 +106,6 @@ class ZendeskSettings(BaseSettings):
         if self.api_base_url:
             return self.api_base_url.rstrip("/")
         return f"https://{self.subdomain}.zendesk.com" if self.subdomain else None
-
-
-def signing_keys(secret: str) -> list[bytes]:
-    """The HMAC keys of ``KAIKU_ZENDESK_WEBHOOK_SECRET`` (comma-separated secrets)."""
-    return [part.strip().encode() for part in secret.split(",") if part.strip()]
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
