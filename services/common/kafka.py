@@ -52,6 +52,7 @@ from services.common.faults import failpoint
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
+T = TypeVar("T")
 
 CONSUMED = Counter("kaiku_messages_consumed_total", "Messages consumed", ["consumer", "topic"])
 DEAD_LETTERED = Counter(
@@ -413,41 +414,35 @@ class ConsumerLoop(Generic[M]):
             DEAD_LETTERED.labels(consumer=self.name).inc(len(dead))
 
     async def _handle(self, batch: list[Incoming[M]]) -> HandlerResult:
+        async def once() -> HandlerResult:
+            async with unit_of_work(self.sessions) as session:
+                return await self.handler(batch, session)
+
+        return await self._retrying("handle", once)
+
+    async def _publish(self, messages: list[Outgoing]) -> None:
+        await self._retrying("produce", lambda: self.producer.publish(messages))
+
+    async def _retrying(self, what: str, attempt_once: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt_once``, retrying transient failures (database or broker away) with
+        bounded exponential back-off and jitter; anything else, or the last failure, raises."""
         for attempt in range(self.max_transient_retries + 1):
             try:
-                async with unit_of_work(self.sessions) as session:
-                    return await self.handler(batch, session)
+                return await attempt_once()
             except Exception as exc:
                 if not is_transient(exc) or attempt == self.max_transient_retries:
                     raise
                 RETRIES.labels(consumer=self.name).inc()
                 delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
                 log.warning(
-                    "consumer %s: transient error (%s), retrying in %.1fs",
+                    "consumer %s: %s failed (%s), retrying in %.1fs",
                     self.name,
+                    what,
                     type(exc).__name__,
                     delay,
                 )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    async def _publish(self, messages: list[Outgoing]) -> None:
-        for attempt in range(self.max_transient_retries + 1):
-            try:
-                await self.producer.publish(messages)
-                return
-            except KafkaError as exc:
-                if attempt == self.max_transient_retries:
-                    raise
-                RETRIES.labels(consumer=self.name).inc()
-                delay = min(30.0, 0.2 * 2**attempt) * (0.5 + random.random())
-                log.warning(
-                    "consumer %s: produce failed (%s), retrying in %.1fs",
-                    self.name,
-                    type(exc).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)
 
     async def _commit(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         assert self._consumer is not None
