@@ -187,10 +187,10 @@ def build(
     program = load_program(base.program.program)
 
     def own_db(name: str) -> CommonSettings:
-        url = os.environ.get(f"KAIKU_{name.upper()}_DATABASE_URL")
+        # Each service its own SQLite file; KAIKU_<SERVICE>_DATABASE_URL still overrides it
+        # (create_app applies it).
         return replace(
-            base,
-            database=DatabaseSettings(url=url or f"sqlite+aiosqlite:///{var / (name + '.db')}"),
+            base, database=DatabaseSettings(url=f"sqlite+aiosqlite:///{var / (name + '.db')}")
         )
 
     return EmbeddedApp(

@@ -6,7 +6,6 @@ import asyncio
 import email
 import email.policy
 import re
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -18,14 +17,14 @@ import httpx
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi import FastAPI
+from pydantic import SecretStr
+
+from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.program import Program
+from services.common.settings import CommonSettings
+from services.embedded import EmbeddedApp, free_port
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -110,3 +109,32 @@ async def running(*apps: FastAPI) -> AsyncIterator[None]:
 
 def client(app: Any, base_url: str = "http://kaiku.test") -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
+
+
+def smtp_stack(
+    kafka: KafkaSettings,
+    database: DatabaseSettings,
+    program: Program,
+    sink: SmtpSink,
+    token: str,
+    public_url: str = "http://kaiku.test",
+) -> EmbeddedApp:
+    """The three services, routed as under ``make run``, sending email to ``sink``."""
+    from services.collector.app import create_app as collector_app
+    from services.dispatcher.app import create_app as dispatcher_app
+    from services.dispatcher.channels.smtp import SmtpEmailChannel
+    from services.dispatcher.config import DispatcherSettings, SmtpSettings
+    from services.trigger.app import create_app as trigger_app
+
+    settings = CommonSettings(
+        kafka=kafka,
+        database=database,
+        http=HttpSettings(api_token=SecretStr(token)),
+        links=LinkSettings(public_url=public_url),
+    )
+    smtp = SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=sink.port))
+    return EmbeddedApp(
+        trigger_app(settings, program=program),
+        dispatcher_app(settings, DispatcherSettings(poll_seconds=0.1), program=program, email=smtp),
+        collector_app(settings, program=program),
+    )
