@@ -8,20 +8,13 @@ import uuid
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import SecretStr
 
-from services.collector.app import create_app as collector_app
 from services.common import events
-from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.program import Program
-from services.common.settings import CommonSettings
-from services.dispatcher.app import create_app as dispatcher_app
-from services.dispatcher.channels.smtp import SmtpEmailChannel
-from services.dispatcher.config import DispatcherSettings, SmtpSettings
 from services.embedded import EmbeddedApp
-from services.trigger.app import create_app as trigger_app
 from tests.conftest import read_topic
-from tests.support import SmtpSink, client, eventually, html_part, running, survey_link
+from tests.support import SmtpSink, client, eventually, html_part, running, smtp_stack, survey_link
 
 TOKEN = "test-token-" + uuid.uuid4().hex
 PUBLIC = "http://kaiku.test"
@@ -30,18 +23,7 @@ PUBLIC = "http://kaiku.test"
 def stack(
     kafka: KafkaSettings, database: DatabaseSettings, program: Program, sink: SmtpSink
 ) -> EmbeddedApp:
-    settings = CommonSettings(
-        kafka=kafka,
-        database=database,
-        http=HttpSettings(api_token=SecretStr(TOKEN)),
-        links=LinkSettings(public_url=PUBLIC),
-    )
-    smtp = SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=sink.port))
-    return EmbeddedApp(
-        trigger_app(settings, program=program),
-        dispatcher_app(settings, DispatcherSettings(poll_seconds=0.2), program=program, email=smtp),
-        collector_app(settings, program=program),
-    )
+    return smtp_stack(kafka, database, program, sink, TOKEN, PUBLIC)
 
 
 def order_delivered(customer: str = "cust-4411") -> dict[str, object]:

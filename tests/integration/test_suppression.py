@@ -10,18 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr
-
-from services.collector.app import create_app as collector_app
-from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.program import parse_program
-from services.common.settings import CommonSettings
-from services.dispatcher.app import create_app as dispatcher_app
-from services.dispatcher.channels.smtp import SmtpEmailChannel
-from services.dispatcher.config import DispatcherSettings, SmtpSettings
-from services.embedded import EmbeddedApp
-from services.trigger.app import create_app as trigger_app
-from tests.support import SmtpSink, client, eventually, running, survey_link
+from tests.support import SmtpSink, client, eventually, running, smtp_stack, survey_link
 
 TOKEN = "supp-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,22 +48,7 @@ async def test_cooldown_optout_domain_and_quota(
     kafka: KafkaSettings, postgres: DatabaseSettings, smtp_sink: SmtpSink
 ) -> None:
     program = parse_program(PROGRAM)
-    settings = CommonSettings(
-        kafka=kafka,
-        database=postgres,
-        http=HttpSettings(api_token=SecretStr(TOKEN)),
-        links=LinkSettings(public_url="http://kaiku.test"),
-    )
-    app = EmbeddedApp(
-        trigger_app(settings, program=program),
-        dispatcher_app(
-            settings,
-            DispatcherSettings(poll_seconds=0.1),
-            program=program,
-            email=SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=smtp_sink.port)),
-        ),
-        collector_app(settings, program=program),
-    )
+    app = smtp_stack(kafka, postgres, program, smtp_sink, TOKEN)
 
     async def post(*batch: dict[str, Any]) -> None:
         r = await http.post("/v1/events", json=list(batch), headers=AUTH)

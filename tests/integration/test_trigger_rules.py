@@ -9,22 +9,16 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import SecretStr
 from sqlalchemy import select
 
 from services.common import events
-from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.program import Program, parse_program
-from services.common.settings import CommonSettings
-from services.dispatcher.app import create_app as dispatcher_app
-from services.dispatcher.channels.smtp import SmtpEmailChannel
-from services.dispatcher.config import DispatcherSettings, SmtpSettings
 from services.dispatcher.models import Send
 from services.embedded import EmbeddedApp
-from services.trigger.app import create_app as trigger_app
 from services.trigger.models import Decision
 from tests.conftest import read_topic
-from tests.support import SmtpSink, client, eventually, running
+from tests.support import SmtpSink, client, eventually, running, smtp_stack
 
 TOKEN = "rules-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -59,25 +53,7 @@ def program() -> Program:
 
 
 def stack(kafka: KafkaSettings, db: DatabaseSettings, sink: SmtpSink) -> EmbeddedApp:
-    settings = CommonSettings(
-        kafka=kafka,
-        database=db,
-        http=HttpSettings(api_token=SecretStr(TOKEN)),
-        links=LinkSettings(public_url="http://kaiku.test"),
-    )
-    p = program()
-    from services.collector.app import create_app as collector_app
-
-    return EmbeddedApp(
-        trigger_app(settings, program=p),
-        dispatcher_app(
-            settings,
-            DispatcherSettings(poll_seconds=0.1),
-            program=p,
-            email=SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=sink.port)),
-        ),
-        collector_app(settings, program=p),
-    )
+    return smtp_stack(kafka, db, program(), sink, TOKEN)
 
 
 def ticket(kind: str, customer: str, case: str, **data: Any) -> dict[str, Any]:
