@@ -38,8 +38,6 @@ no such contact; 429 is the rate limit.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -60,7 +58,7 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import require_fresh, same, signing_keys
+from services.trigger.ingress.signing import hmac_digest, require_fresh, same, signing_keys
 
 SIGNATURE_HEADER = "x-hub-signature"
 
@@ -84,7 +82,7 @@ class IntercomSettings(BaseSettings):
 
 def sign(secret: str, body: bytes) -> str:
     """The ``X-Hub-Signature`` of a notification (what Intercom computes)."""
-    return "sha1=" + hmac.new(secret.encode(), body, hashlib.sha1).hexdigest()
+    return "sha1=" + hmac_digest(secret.encode(), body, "sha1").hex()
 
 
 def _created_at(body: bytes) -> float | None:
@@ -131,7 +129,7 @@ class Intercom:
             raise unauthorized("X-Hub-Signature is required")
         given = signature.strip().lower()
         if not any(
-            same(given, "sha1=" + hmac.new(key, request.body, hashlib.sha1).hexdigest())
+            same(given, "sha1=" + hmac_digest(key, request.body, "sha1").hex())
             for key in self._keys
         ):
             raise unauthorized("X-Hub-Signature does not match the body")
