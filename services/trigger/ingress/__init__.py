@@ -9,62 +9,35 @@ CloudEvent (``DEFAULT_MAPPING``, ``DEFAULT_TYPES``, ``vendor_type``, ``event_id`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
 import httpx
 from fastapi.responses import Response
 
 from services.common.events import CloudEvent
+from services.common.webhooks import (
+    WebhookError,
+    WebhookRequest,
+    json_body,
+    json_objects,
+    malformed,
+    unauthorized,
+)
 
-
-@dataclass(frozen=True)
-class WebhookRequest:
-    """What a vendor sent, exactly as it arrived (signatures cover the raw bytes)."""
-
-    method: str
-    url: str  # the full URL as the vendor called it: scheme://host[:port]/path[?query]
-    headers: Mapping[str, str]  # case-insensitive (Starlette's Headers)
-    body: bytes
-    received_at: datetime
-
-
-class WebhookError(Exception):
-    """A refused webhook: the status and a JSON error naming the problem."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def unauthorized(message: str) -> WebhookError:
-    return WebhookError(401, "bad_signature", message)
-
-
-def malformed(message: str) -> WebhookError:
-    return WebhookError(400, "malformed_payload", message)
-
-
-def json_body(request: WebhookRequest) -> Any:
-    """The body as JSON, or ``malformed`` (400)."""
-    try:
-        return json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise malformed("the body is not valid JSON") from None
-
-
-def json_objects(request: WebhookRequest, expected: str) -> list[dict[str, Any]]:
-    """A JSON object or a non-empty array of objects, as a list; ``malformed`` otherwise."""
-    body = json_body(request)
-    items = body if isinstance(body, list) else [body]
-    if not items or not all(isinstance(i, dict) for i in items):
-        raise malformed(f"expected {expected}")
-    return items
+__all__ = [
+    "Contact",
+    "ContactResolver",
+    "LookupFailed",
+    "Vendor",
+    "WebhookError",
+    "WebhookRequest",
+    "json_body",
+    "json_objects",
+    "malformed",
+    "unauthorized",
+]
 
 
 class Vendor(Protocol):

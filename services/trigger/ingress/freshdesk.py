@@ -51,10 +51,10 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
+from services.common.webhooks import verify_shared_secret
 from services.trigger.ingress import Contact, WebhookRequest, json_body, malformed
 from services.trigger.ingress.lookup import TtlCache, get_json
 from services.trigger.ingress.mapping import normalize_email, normalize_phone
-from services.trigger.ingress.signing import verify_shared_secret
 
 
 class FreshdeskSettings(BaseSettings):

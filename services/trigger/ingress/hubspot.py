@@ -79,6 +79,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import PHONE_E164, CloudEvent
+from services.common.webhooks import b64, hmac_digest, require_fresh, same
 from services.trigger.ingress import (
     Contact,
     LookupFailed,
@@ -87,7 +88,6 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import b64, hmac_digest, require_fresh, same
 
 SIGNATURE_HEADER = "X-HubSpot-Signature-v3"
 TIMESTAMP_HEADER = "X-HubSpot-Request-Timestamp"

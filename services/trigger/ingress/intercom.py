@@ -49,6 +49,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
+from services.common.webhooks import hmac_digest, require_fresh, same, signing_keys
 from services.trigger.ingress import (
     Contact,
     LookupFailed,
@@ -58,7 +59,6 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import hmac_digest, require_fresh, same, signing_keys
 
 SIGNATURE_HEADER = "x-hub-signature"
 

@@ -56,10 +56,10 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
+from services.common.webhooks import same
 from services.trigger.ingress import Contact, LookupFailed, WebhookRequest, malformed, unauthorized
 from services.trigger.ingress.lookup import TtlCache, get_json
 from services.trigger.ingress.mapping import normalize_email, normalize_phone
-from services.trigger.ingress.signing import same
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 OUTBOUND = "http://soap.sforce.com/2005/09/outbound"

@@ -47,11 +47,11 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
+from services.common.webhooks import verify_shared_secret
 from services.trigger.ingress import Contact, WebhookRequest, json_objects
 from services.trigger.ingress.freshdesk import iana_zone
 from services.trigger.ingress.lookup import TtlCache, get_json
 from services.trigger.ingress.mapping import normalize_email, normalize_phone
-from services.trigger.ingress.signing import verify_shared_secret
 
 USER_FIELDS = "email,mobile_phone,phone,preferred_language,time_zone,company"
 # State values that mean "done" per table (incident: 6 Resolved, 7 Closed, 8 Canceled).

@@ -63,6 +63,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
+from services.common.webhooks import b64, hmac_digest, require_fresh, same, signing_keys
 from services.trigger.ingress import (
     Contact,
     LookupFailed,
@@ -72,7 +73,6 @@ from services.trigger.ingress import (
     unauthorized,
 )
 from services.trigger.ingress.lookup import TtlCache, get_json
-from services.trigger.ingress.signing import b64, hmac_digest, require_fresh, same, signing_keys
 
 SIGNATURE_HEADER = "x-zendesk-webhook-signature"
 TIMESTAMP_HEADER = "x-zendesk-webhook-signature-timestamp"
