@@ -59,7 +59,7 @@ from tests.trigger import test_webhook_intercom as intercom_docs
 from tests.trigger import test_webhook_salesforce as salesforce_docs
 from tests.trigger import test_webhook_servicenow as servicenow_docs
 from tests.trigger import test_webhook_zendesk as zendesk_docs
-from tests.trigger.vendor_api import LocalApi
+from tests.vendor_api import LocalApi
 
 # HubSpot signs the full URL it calls: the client's base URL is what its example signs.
 BASE_URL = "http://kaiku.test"

@@ -21,8 +21,8 @@ from services.trigger.ingress.freshdesk import (
     iana_zone,
 )
 from services.trigger.ingress.mapping import Ignored, Unmappable, to_event
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "fd-webhook-secret-7c1e0b6a9d"
 API_KEY = "fd-api-key-abcdef123456"

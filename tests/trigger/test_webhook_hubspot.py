@@ -32,8 +32,8 @@ from services.trigger.ingress.hubspot import (
     signed_uri,
 )
 from services.trigger.ingress.mapping import Ignored, to_event
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"  # the placeholder client secret of HubSpot's docs
 BASE_URL = "http://kaiku.test"

@@ -25,8 +25,8 @@ from services.trigger.ingress.intercom import (
     sign,
 )
 from services.trigger.ingress.mapping import Ignored, Unmappable, to_event
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "5b6a1a6e-9c7d-4a4f-8e2b-1f0c3d9e7a42"  # an app's client_secret
 PATH = "/v1/webhooks/intercom"

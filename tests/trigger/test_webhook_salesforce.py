@@ -28,8 +28,8 @@ from services.trigger.ingress.salesforce import (
     parse_xml,
 )
 from tests.support import client
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import ROOT_PROGRAM, app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "sf-url-token-5b2f8c1d9e7a4f60"
 ORG = "00D5e000000KQ2eEAG"

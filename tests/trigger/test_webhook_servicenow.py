@@ -20,8 +20,8 @@ from services.trigger.ingress.servicenow import (
     ServiceNowResolver,
     ServiceNowSettings,
 )
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "sn-webhook-secret-41d9c2e7f0"
 API_USER = "kaiku.integration"

@@ -24,8 +24,8 @@ from services.trigger.ingress.zendesk import (
     ZendeskSettings,
     sign,
 )
-from tests.trigger.vendor_api import LocalApi
 from tests.trigger.webhook_support import app_with, error, post
+from tests.vendor_api import LocalApi
 
 SECRET = "dGhpc19zZWNyZXRfaXNfZm9yX3Rlc3Rpbmdfb25seQ=="  # the secret of Zendesk's Node example
 PATH = "/v1/webhooks/zendesk"

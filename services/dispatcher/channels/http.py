@@ -1,0 +1,70 @@
+"""What the HTTP providers share: one client, a request that never raises, ``Retry-After``.
+
+A provider module builds its request as its documentation states and classifies the answer
+itself (each vendor's error codes mean different things); this module turns what is the same
+everywhere into ``SendResult``: no connection, a timeout, 429 and 5xx are transient.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from services.dispatcher.channels import SendResult
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "kaiku-dispatcher"
+
+
+def client(base_url: str, timeout: float, **kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=timeout,
+        headers={"user-agent": USER_AGENT},
+        **kwargs,
+    )
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), if any."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+async def request(
+    http: httpx.AsyncClient, provider: str, method: str, url: str, **kwargs: Any
+) -> httpx.Response | SendResult:
+    """The provider's answer, or a transient ``SendResult`` when there was none."""
+    try:
+        return await http.request(method, url, **kwargs)
+    except httpx.TimeoutException:
+        return SendResult("transient", reason=f"{provider}: timed out")
+    except httpx.HTTPError as exc:
+        return SendResult("transient", reason=f"{provider}: {type(exc).__name__}")
+
+
+def generic_failure(provider: str, response: httpx.Response, detail: str = "") -> SendResult:
+    """The classification every HTTP API shares: 408, 429 and 5xx are worth retrying; any other
+    4xx is not (the request itself is wrong: credentials, a field, the account)."""
+    status = response.status_code
+    what = f"{provider} {status}" + (f": {detail}" if detail else "")
+    if status in (408, 425, 429) or status >= 500:
+        return SendResult("transient", reason=what, retry_after=retry_after(response))
+    return SendResult("permanent", reason=what)
