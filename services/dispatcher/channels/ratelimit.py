@@ -45,8 +45,10 @@ class TokenBucket:
 
     async def take(self) -> None:
         async with self._lock:  # first come, first served
-            while (wait := self.try_take()) > 0:
+            wait = self.try_take()
+            while wait > 0:
                 await asyncio.sleep(wait)
+                wait = self.try_take()
 
 
 class RateLimited(Generic[M]):
