@@ -163,6 +163,10 @@ class InvitationRequested(BaseModel):
     expires_at: AwareDatetime
     requested_at: AwareDatetime
     context: SurveyContext = Field(default_factory=SurveyContext)
+    # The recipient's time zone as the trigger resolved it for quiet hours (event, else the
+    # customer's last known, else the program default); None when unknown. The dispatcher
+    # checks quiet hours again in it at the moment of sending.
+    timezone: TimeZone | None = None
 
 
 class InvitationCancelled(BaseModel):
@@ -185,11 +189,18 @@ INVITATION_MESSAGE: TypeAdapter[InvitationRequested | InvitationCancelled] = Typ
     InvitationMessage
 )
 
-DeliveryStatus = Literal["sent", "failed", "in_doubt"]
+# sent: the provider accepted it; failed: it was not sent, or the provider gave up; in_doubt: the
+# process stopped between starting the send and recording its outcome (never retried).
+# From the providers' receipts: delivered, bounced (hard), complained (spam report), opted_out.
+DeliveryStatus = Literal[
+    "sent", "failed", "in_doubt", "delivered", "bounced", "complained", "opted_out"
+]
 
 
 class DeliveryRecorded(BaseModel):
-    """The dispatcher's outcome for one invitation. Keyed by customer id."""
+    """What happened to one message of an invitation: the dispatcher's outcome of the send, then
+    the provider's receipts. Keyed by customer id. ``kind`` tells the invitation from its
+    reminder."""
 
     type: Literal["delivery.recorded"] = "delivery.recorded"
     invitation_id: uuid.UUID
@@ -202,6 +213,7 @@ class DeliveryRecorded(BaseModel):
     provider_message_id: str | None = None
     attempts: int = 1
     occurred_at: AwareDatetime
+    kind: Literal["invitation", "reminder"] = "invitation"
 
 
 class ResponseSubmitted(BaseModel):
@@ -226,7 +238,8 @@ class OptOutRecorded(BaseModel):
 
     The collector does not hold contact details: the consumers that do (the dispatcher) resolve the
     contact point from the invitation. ``source`` says how it was asked: the unsubscribe page, a
-    mail client's RFC 8058 one-click POST, a provider's STOP reply or bounce."""
+    mail client's RFC 8058 one-click POST, or the provider (``reason``: a STOP reply, a hard bounce,
+    a spam report, an invalid number, a recipient the provider has unsubscribed)."""
 
     type: Literal["optout.recorded"] = "optout.recorded"
     optout_id: uuid.UUID
@@ -235,6 +248,9 @@ class OptOutRecorded(BaseModel):
     invitation_id: uuid.UUID | None = None
     survey_id: Id | None = None
     source: Literal["unsubscribe_page", "one_click", "provider"]
+    reason: (
+        Literal["stop", "hard_bounce", "spam_report", "invalid_recipient", "unsubscribed"] | None
+    ) = None
     occurred_at: AwareDatetime
 
 

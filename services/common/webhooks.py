@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from fastapi import Request
+
+from services.common.http import ApiError, read_body
+
 
 @dataclass(frozen=True)
 class WebhookRequest:
@@ -182,3 +186,36 @@ def verify_standard(request: WebhookRequest, key: bytes, tolerance: float) -> No
         if version == "v1" and same(value, expected):
             return
     raise unauthorized("no webhook-signature matches the body")
+
+
+# -- receiving ------------------------------------------------------------------------------------
+
+
+async def receive(
+    request: Request,
+    *,
+    sender: str,
+    content_types: tuple[str, ...],
+    max_body: int,
+    public_url: str | None,
+    now: datetime,
+) -> WebhookRequest:
+    """The request as the sender signed it: content type checked (415), body read within the
+    limit (413), and the URL rebuilt from ``public_url`` (as the sender called it, in front of
+    proxies: some signatures cover the URL)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in content_types:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{sender} sends {' or '.join(content_types)}, not {ctype or 'nothing'}",
+        )
+    body = await read_body(request, max_body)
+    url = str(request.url)
+    if public_url:
+        url = (
+            public_url.rstrip("/")
+            + request.url.path
+            + (f"?{request.url.query}" if request.url.query else "")
+        )
+    return WebhookRequest(request.method, url, request.headers, body, now)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from datetime import time as clock_time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from services.common.program import Fatigue, FatigueRule, QuietHours, Suppression
+from services.common.program import Fatigue, FatigueRule, Suppression
+from services.common.quiet_hours import allowed_from, wall_time_at
+
+__all__ = ["allowed_from"]
 
 Channel = Literal["email", "sms"]
 
@@ -169,66 +172,6 @@ def _seen(rule: FatigueRule, times: Sequence[datetime], at: datetime) -> dict[st
     }
 
 
-# -- quiet hours ----------------------------------------------------------------------------------
-
-
-def _quiet_at(local: datetime, quiet: QuietHours) -> bool:
-    if quiet.weekends and local.weekday() >= 5:
-        return True
-    now = local.time()
-    if quiet.start <= quiet.end:
-        return quiet.start <= now < quiet.end
-    return now >= quiet.start or now < quiet.end  # the span crosses midnight
-
-
-def _quiet_end(local: datetime, quiet: QuietHours, zone: ZoneInfo) -> datetime:
-    """The first instant after ``local`` at which this quiet span is over (a UTC datetime)."""
-    day = local.date()
-    if quiet.weekends and local.weekday() >= 5:
-        monday = day + timedelta(days=7 - local.weekday())
-        return _at(monday, clock_time(0), zone)
-    if quiet.start <= quiet.end or local.time() < quiet.end:
-        return _at(day, quiet.end, zone)
-    return _at(day + timedelta(days=1), quiet.end, zone)
-
-
-def _at(day: date, wall: clock_time, zone: ZoneInfo) -> datetime:
-    """``day`` at ``wall`` in ``zone``, as UTC. A wall time that happens twice (clocks go back)
-    is its first occurrence; one that does not exist (clocks go forward) becomes the first
-    instant whose wall clock is past it."""
-    naive = datetime.combine(day, wall)
-    first = min(naive.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
-    instant = first
-    while instant.astimezone(zone).replace(tzinfo=None) < naive:  # only in a gap: <= 3 h
-        instant += timedelta(minutes=1)
-    return instant
-
-
-def allowed_from(
-    fatigue: Fatigue, when: datetime, channel: Channel, timezone: str | None
-) -> datetime:
-    """The first instant at or after ``when`` outside every quiet span for this channel, in the
-    recipient's zone; with no zone known, outside every quiet span in every fallback zone."""
-    spans = [q for q in fatigue.quiet_hours if q.channel in ("any", channel)]
-    if not spans:
-        return when
-    zones = (
-        [ZoneInfo(timezone)] if timezone else [ZoneInfo(z) for z in fatigue.unknown_timezone_zones]
-    )
-    at = when.astimezone(UTC)
-    for _ in range(64):  # each step leaves one span; a week of spans is far fewer steps
-        moved = False
-        for zone in zones:
-            local = at.astimezone(zone)
-            for quiet in spans:
-                if _quiet_at(local, quiet):
-                    at = max(at, _quiet_end(local, quiet, zone))
-                    moved = True
-        if not moved:
-            return at
-    raise ValueError("quiet hours leave no time to send: check the program's quiet_hours")
-
-
 # -- suppression and quotas -----------------------------------------------------------------------
 
 
@@ -295,4 +238,4 @@ def quota_period(
     else:
         start_day = local.date().replace(day=1)
         end_day = (start_day + timedelta(days=32)).replace(day=1)
-    return _at(start_day, clock_time(0), zone), _at(end_day, clock_time(0), zone)
+    return wall_time_at(start_day, clock_time(0), zone), wall_time_at(end_day, clock_time(0), zone)

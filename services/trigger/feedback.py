@@ -23,9 +23,11 @@ async def on_deliveries(
     rows = []
     for item in batch:
         d = item.message
-        if d.status == "sent":
+        if d.kind != "invitation":
+            continue
+        if d.status in ("sent", "delivered"):
             rows.append({"b_id": d.invitation_id, "delivered_at": d.occurred_at})
-        elif d.status == "failed":
+        elif d.status in ("failed", "bounced"):
             rows.append({"b_id": d.invitation_id, "failed_at": d.occurred_at})
     await repository.record_outcomes(session, rows)
     return HandlerResult()

@@ -474,6 +474,9 @@ class EventHandler:
             or batch.zones.get(inv.customer.id)
             or self.program.defaults.timezone
         )
+        if zone is not None and inv.timezone != zone:
+            inv = inv.model_copy(update={"timezone": zone})  # the dispatcher checks it again
+            outcome = replace(outcome, invitation=inv)
         candidate = fatigue.Candidate(
             customer_id=inv.customer.id,
             account_id=inv.customer.account_id,

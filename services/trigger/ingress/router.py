@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter
 
 from services.common.events import CloudEvent, utcnow
-from services.common.http import ApiError, error_responses, read_body
+from services.common.http import ApiError, error_responses
 from services.common.kafka import Outgoing, Producer, dead_letter_of
 from services.common.program import Program
+from services.common.webhooks import receive
 from services.trigger.api import event_message, publish_or_unavailable
-from services.trigger.ingress import Vendor, WebhookError, WebhookRequest
+from services.trigger.ingress import Vendor, WebhookError
 from services.trigger.ingress.mapping import Ignored, Unmappable, to_event
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,19 @@ def router(
             raise ApiError(
                 404, "unknown_source", f"no webhook source {source!r} is configured", "source"
             )
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in vendor.CONTENT_TYPES:
-            WEBHOOKS.labels(source=source, outcome="unsupported_media_type").inc()
-            raise ApiError(
-                415,
-                "unsupported_media_type",
-                f"{source} sends {' or '.join(vendor.CONTENT_TYPES)}, not {ctype or 'nothing'}",
+        try:
+            webhook_request = await receive(
+                request,
+                sender=source,
+                content_types=vendor.CONTENT_TYPES,
+                max_body=max_body,
+                public_url=public_url,
+                now=clock(),
             )
-        body = await read_body(request, max_body)
-        url = str(request.url)
-        if public_url:  # as the vendor called it, in front of proxies (signatures cover it)
-            url = (
-                public_url.rstrip("/")
-                + request.url.path
-                + (f"?{request.url.query}" if request.url.query else "")
-            )
-        webhook_request = WebhookRequest(request.method, url, request.headers, body, clock())
+        except ApiError as exc:
+            if exc.status == 415:
+                WEBHOOKS.labels(source=source, outcome="unsupported_media_type").inc()
+            raise
         try:
             vendor.verify(webhook_request)
             items = vendor.items(webhook_request)
@@ -122,7 +119,7 @@ def router(
             else:
                 dead.append(result)
         messages = [event_message(e) for e in accepted] + [
-            _dead_letter(source, d.event_id, d.reason, body) for d in dead
+            _dead_letter(source, d.event_id, d.reason, webhook_request.body) for d in dead
         ]
         try:
             await publish_or_unavailable(producer, messages)
