@@ -1,7 +1,11 @@
 """``kaiku``: the command line of kaiku.
 
 kaiku run                 the embedded default: broker, SQLite, the three services, one port
-kaiku check PROGRAM       validate a survey program; every error with its line and column
+kaiku check PROGRAM       validate a survey program; every error with its line and column, and
+                          every message template its surveys use (an SMS over
+                          KAIKU_SMS_MAX_SEGMENTS segments, a template that fails to render)
+kaiku preview SURVEY --channel email|sms --locale fi|sv|en [--reminder] [--out PATH]
+                          render a sample invitation of a survey to a file, to look at
 kaiku schemas [--check]   export schemas/ from the message models (or check they agree)
 kaiku simulate PROGRAM EVENTS.jsonl [--format json]
                           the trigger's decisions over an event log, with no side effects
@@ -13,10 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
+# The survey token of `kaiku preview`: as long as a real one (services.common.tokens).
+PREVIEW_TOKEN = "0PREVIEWsampletoken-notvalid0"  # noqa: S105 (a made-up survey token)
+
 
 def _check(args: argparse.Namespace) -> int:
+    from services.common.config import LinkSettings
     from services.common.program import ProgramError, load_program
+    from services.dispatcher.config import DispatcherSettings
+    from services.dispatcher.rendering import PLAUSIBLE_PUBLIC_URL, Renderer, check_templates
 
+    dispatcher = DispatcherSettings()
+    links = LinkSettings()
+    # SMS segments are counted with the real public URL when it is configured, else with a
+    # plausible production one (the local default is shorter than any real one).
+    public_url = links.public_url if "public_url" in links.model_fields_set else None
+    renderer = Renderer(public_url or PLAUSIBLE_PUBLIC_URL, dispatcher.template_dir)
     status = 0
     for path in args.program:
         try:
@@ -26,8 +42,98 @@ def _check(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
             status = 1
             continue
+        problems = [
+            f"{path}: {problem}"
+            for survey in program.surveys
+            for problem in check_templates(
+                renderer, survey, max_segments=dispatcher.sms_max_segments
+            )
+        ]
+        if problems:
+            for line in problems:
+                print(line, file=sys.stderr)
+            status = 1
+            continue
         print(f"{path}: ok ({len(program.surveys)} surveys, {len(program.triggers)} triggers)")
     return status
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from jinja2 import TemplateError
+
+    from services.common.config import LinkSettings, ProgramSettings
+    from services.common.program import ProgramError, load_program
+    from services.dispatcher.config import DispatcherSettings
+    from services.dispatcher.rendering import Renderer, sample_invitation, template_error
+
+    dispatcher = DispatcherSettings()
+    program_path: Path = args.program or ProgramSettings().program
+    try:
+        program = load_program(program_path)
+    except ProgramError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    try:
+        survey = program.survey(args.survey)
+    except KeyError:
+        known = ", ".join(s.id for s in program.surveys)
+        print(f"{program_path}: no survey {args.survey!r} (there are: {known})", file=sys.stderr)
+        return 1
+    if args.channel not in survey.channels:
+        print(
+            f"note: survey {survey.id!r} does not list the {args.channel} channel",
+            file=sys.stderr,
+        )
+    renderer = Renderer(LinkSettings().public_url, dispatcher.template_dir)
+    invitation = sample_invitation(
+        survey, channel=args.channel, locale=args.locale, token=PREVIEW_TOKEN
+    )
+    name = f"{survey.id}.{args.channel}.{args.locale}{'.reminder' if args.reminder else ''}"
+    out: Path = args.out or Path("var/preview")
+    if args.out is None or out.is_dir():
+        out = out / f"{name}.{'html' if args.channel == 'email' else 'txt'}"
+    elif args.channel == "email" and out.suffix == ".eml":
+        out = out.with_suffix(".html")  # the .eml is written beside the HTML
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.channel == "email":
+            email = renderer.outbound_email(
+                invitation,
+                survey,
+                sender=dispatcher.email_from,
+                unsubscribe_mailto=dispatcher.unsubscribe_mailto,
+                domain=dispatcher.email_domain,
+                reminder=args.reminder,
+            )
+            eml = out.with_suffix(".eml")
+            out.write_text(email.html, encoding="utf-8")
+            eml.write_bytes(email.message.as_bytes())
+            print(out)
+            print(eml)
+            return 0
+        sms = renderer.sms(invitation, survey, reminder=args.reminder)
+    except (TemplateError, ValueError) as exc:
+        print(
+            f"survey {survey.id!r}, {args.channel}, {args.locale}: {template_error(exc)}",
+            file=sys.stderr,
+        )
+        return 1
+    limit = dispatcher.sms_max_segments
+    out.write_text(
+        f"{sms.text}\n\n{sms.encoding}, {sms.segments} segment{'s' * (sms.segments != 1)} "
+        f"({len(sms.text)} characters; the limit is {limit} segments)\n",
+        encoding="utf-8",
+    )
+    print(out)
+    if sms.segments > limit:
+        print(
+            f"survey {survey.id!r}, sms, {sms.locale}: the SMS is {sms.segments} {sms.encoding} "
+            f"segments, more than the limit of {limit} (KAIKU_SMS_MAX_SEGMENTS)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _schemas(args: argparse.Namespace) -> int:
@@ -87,6 +193,27 @@ def main(argv: list[str] | None = None) -> None:
     check = sub.add_parser("check", help="validate survey programs")
     check.add_argument("program", nargs="+", type=Path)
     check.set_defaults(func=_check)
+    preview = sub.add_parser(
+        "preview", help="render a sample invitation of a survey to a file, to look at"
+    )
+    preview.add_argument("survey", help="the survey's id")
+    preview.add_argument("--channel", choices=["email", "sms"], required=True)
+    preview.add_argument("--locale", choices=["fi", "sv", "en"], required=True)
+    preview.add_argument(
+        "--program",
+        type=Path,
+        default=None,
+        help="the survey program (default: KAIKU_PROGRAM, else deploy/local/program.yaml)",
+    )
+    preview.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the file (or folder) to write: the HTML part of an email (with the whole message "
+        "as .eml beside it), or an SMS's text; default: var/preview/",
+    )
+    preview.add_argument("--reminder", action="store_true", help="the reminder instead")
+    preview.set_defaults(func=_preview)
     schemas = sub.add_parser("schemas", help="export or check the JSON Schemas in schemas/")
     schemas.add_argument("--dir", default="schemas")
     schemas.add_argument("--check", action="store_true")

@@ -1,4 +1,5 @@
-"""The invitation email: templates, localized texts, escaping and the MIME message."""
+"""The invitation email and SMS: templates and their lookup, localized texts, reminders,
+escaping, the MIME message and the outbound messages the providers take."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ import pytest
 from jinja2 import UndefinedError
 
 from services.common.events import Customer, InvitationRequested
-from services.common.program import Program, Survey, load_program
+from services.common.program import Program, Reminder, Survey, load_program
 from services.dispatcher.rendering import (
     STRINGS,
     RenderedEmail,
     Renderer,
+    TemplateTooLong,
     build_message,
+    check_templates,
     resolve_locale,
 )
+from services.dispatcher.sms import is_gsm7, segments
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_URL = "https://surveys.example.com"
@@ -400,3 +404,334 @@ def test_subject_is_one_line(program: Program) -> None:
     msg = build_message(rendered, invitation=inv, sender="s@kaiku.local", public_url=PUBLIC_URL)
     assert msg["Subject"] == "Hello Bcc: x@example.com"
     assert msg["Bcc"] is None
+
+
+# -- SMS, per-survey templates, reminders and the outbound builders ------------------------------
+
+SENDER = "Kaiku <surveys@kaiku.local>"
+OPT_OUT = {
+    "fi": "Vastaa STOP, jos et halua enää kyselyjä.",
+    "sv": "Svara STOP om du inte vill få fler enkäter.",
+    "en": "Reply STOP to opt out.",
+}
+
+
+def sms_survey(question: dict[str, str] | None = None, survey_id: str = "support-ces") -> Survey:
+    return Survey(
+        id=survey_id,
+        metric="ces",
+        question=question or ces_survey().question,
+        channels=["sms", "email"],
+    )
+
+
+def write(root: Path, name: str, text: str) -> None:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("locale", ["fi", "sv", "en"])
+def test_sms_in_each_locale(program: Program, renderer: Renderer, locale: str) -> None:
+    for survey in (nps_survey(program), program.survey("support-csat"), ces_survey()):
+        sms = renderer.sms(invitation(survey, locale=locale), survey)
+        assert sms.locale == locale
+        assert sms.text.startswith(survey.question[locale] + " ")
+        assert f" {PUBLIC_URL}/s/{TOKEN} " in sms.text  # the short link, never glued to text
+        assert "?score=" not in sms.text
+        assert sms.text.endswith(" " + OPT_OUT[locale])
+        low, high = survey.scale
+        assert f"({low}-{high}):" in sms.text
+        assert "\n" not in sms.text
+        assert "  " not in sms.text
+        assert (sms.encoding, sms.segments) == segments(sms.text)
+        assert sms.encoding == "GSM-7"
+        assert sms.segments <= 2
+
+
+@pytest.mark.parametrize("locale", ["fi", "sv", "en"])
+@pytest.mark.parametrize("reminder", [False, True])
+def test_shipped_sms_fits_two_segments_with_the_longest_link(
+    program: Program, locale: str, reminder: bool
+) -> None:
+    renderer = Renderer("https://feedback.customer-company-name.example.com")
+    for survey in program.surveys:
+        inv = invitation(survey, locale=locale).model_copy(update={"token": "x" * 32})
+        sms = renderer.sms(inv, survey, reminder=reminder)
+        assert sms.encoding == "GSM-7"
+        assert sms.segments <= 2, sms.text
+
+
+def test_sms_punctuation_is_made_plain(renderer: Renderer) -> None:
+    survey = sms_survey({"en": "How was our \u201cExpress\u201d service \u2013 honestly\u2026?"})
+    sms = renderer.sms(invitation(survey), survey)
+    assert sms.text.startswith('How was our "Express" service - honestly...? ')
+    assert sms.encoding == "GSM-7"
+
+
+def test_sms_outside_gsm7_is_ucs2(renderer: Renderer) -> None:
+    survey = sms_survey({"en": "Kuinka sujui asiointi Škoda-liikkeessä?"})
+    sms = renderer.sms(invitation(survey), survey)
+    assert sms.encoding == "UCS-2"
+    assert sms.segments == segments(sms.text)[1] >= 2
+
+
+def test_outbound_sms(renderer: Renderer) -> None:
+    survey = sms_survey()
+    inv = invitation(survey, locale="sv-FI")
+    sms = renderer.outbound_sms(inv, survey, sender="Kaiku", max_segments=2)
+    assert sms.invitation_id == str(inv.invitation_id)
+    assert sms.to == PHONE
+    assert sms.body == renderer.sms(inv, survey).text
+    assert sms.body.startswith(survey.question["sv"])
+    assert (sms.encoding, sms.segments) == segments(sms.body)
+    assert sms.sender == "Kaiku"
+    assert (sms.locale, sms.survey_id, sms.customer_id) == ("sv", survey.id, "cust-1")
+    assert PHONE not in sms.body
+    assert EMAIL not in sms.body
+
+
+def test_outbound_sms_over_the_limit(renderer: Renderer) -> None:
+    long = "How satisfied were you with " + "the quick and friendly service, " * 8 + "overall?"
+    survey = sms_survey({"en": long, "fi": "Miten meni?"}, survey_id="long-one")
+    with pytest.raises(TemplateTooLong) as info:
+        renderer.outbound_sms(invitation(survey), survey, sender=None, max_segments=2)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert "'long-one'" in message
+    assert "'en'" in message
+    assert "3 GSM-7 segments" in message
+    assert "limit of 2" in message
+    assert (info.value.segments, info.value.limit, info.value.locale) == (3, 2, "en")
+    # The same text is fine where more segments are allowed, and the Finnish one anyway.
+    assert renderer.outbound_sms(invitation(survey), survey, sender=None, max_segments=3)
+    fi = invitation(survey, locale="fi")
+    assert renderer.outbound_sms(fi, survey, sender=None, max_segments=1).segments == 1
+
+
+def test_outbound_sms_needs_a_valid_phone_number(renderer: Renderer) -> None:
+    survey = sms_survey()
+    no_phone = invitation(survey).model_copy(
+        update={"customer": Customer(id="cust-1", email=EMAIL)}
+    )
+    with pytest.raises(ValueError, match="no phone number"):
+        renderer.outbound_sms(no_phone, survey, sender=None, max_segments=2)
+    # Well-formed E.164, but no such number: refused, without the number in the error.
+    invalid = invitation(survey).model_copy(
+        update={"customer": Customer(id="cust-1", phone="+999401234567")}
+    )
+    with pytest.raises(ValueError, match="not a valid phone number") as info:
+        renderer.outbound_sms(invalid, survey, sender=None, max_segments=2)
+    assert "401234567" not in str(info.value)
+    assert str(invalid.invitation_id) in str(info.value)
+
+
+def test_template_lookup_order(tmp_path: Path) -> None:
+    survey = sms_survey()
+    other = sms_survey(survey_id="other-survey")
+
+    def text(s: Survey, locale: str) -> str:
+        # A renderer of its own each time: a renderer keeps the templates it has loaded.
+        return Renderer(PUBLIC_URL, tmp_path).sms(invitation(s, locale=locale), s).text
+
+    assert text(survey, "fi").endswith(OPT_OUT["fi"])  # nothing overridden: the shipped one
+    write(tmp_path, "sms/invitation.txt.j2", "generic {{ locale }}")
+    assert text(survey, "fi") == "generic fi"
+    write(tmp_path, "sms/invitation.fi.txt.j2", "generic Finnish")
+    assert text(survey, "fi") == "generic Finnish"
+    assert text(survey, "sv") == "generic sv"
+    write(tmp_path, f"sms/{survey.id}/invitation.txt.j2", "survey {{ survey.id }} {{ locale }}")
+    assert text(survey, "fi") == f"survey {survey.id} fi"
+    assert text(survey, "sv") == f"survey {survey.id} sv"
+    write(tmp_path, f"sms/{survey.id}/invitation.fi.txt.j2", "survey, Finnish")
+    assert text(survey, "fi") == "survey, Finnish"
+    assert text(survey, "sv") == f"survey {survey.id} sv"
+    # Other surveys are not affected by a survey's own templates.
+    assert text(other, "fi") == "generic Finnish"
+    assert text(other, "en") == "generic en"
+    # The locale is the resolved one: "fi-FI" finds the Finnish template.
+    assert text(survey, "fi-FI") == "survey, Finnish"
+
+
+def test_per_survey_email_template(program: Program, tmp_path: Path) -> None:
+    survey = nps_survey(program)
+    write(tmp_path, f"email/{survey.id}/invitation.sv.html.j2", "<p>{{ question }} & co</p>")
+    write(tmp_path, f"email/{survey.id}/invitation.txt.j2", "{{ reminder }} {{ question }}")
+    renderer = Renderer(PUBLIC_URL, tmp_path)
+    swedish = renderer.email(invitation(survey, locale="sv"), survey)
+    assert swedish.html == f"<p>{survey.question['sv']} & co</p>"  # the template's own &
+    assert swedish.text == f"False {survey.question['sv']}"
+    english = renderer.email(invitation(survey, locale="en"), survey, reminder=True)
+    assert english.html.startswith("<!DOCTYPE html>")  # the shipped HTML
+    assert english.text == f"True {survey.question['en']}"
+    # A per-survey HTML template is autoescaped like the shipped one.
+    hostile = Survey(id=survey.id, metric="nps", question={"sv": HOSTILE})
+    html = renderer.email(invitation(hostile, locale="sv"), hostile).html
+    assert "&lt;script&gt;" in html
+    assert "<script>" not in html
+
+
+def test_undefined_variable_in_a_customer_template(tmp_path: Path) -> None:
+    survey = sms_survey()
+    write(tmp_path, f"sms/{survey.id}/invitation.txt.j2", "{{ question }} {{ shop_name }}")
+    renderer = Renderer(PUBLIC_URL, tmp_path)
+    with pytest.raises(UndefinedError, match="shop_name"):
+        renderer.sms(invitation(survey), survey)
+    with pytest.raises(UndefinedError):
+        renderer.outbound_sms(invitation(survey), survey, sender=None, max_segments=2)
+
+
+def test_sms_templates_cannot_reach_contact_details(tmp_path: Path) -> None:
+    survey = sms_survey()
+    inv = invitation(survey)
+    renderer = Renderer(PUBLIC_URL, tmp_path)
+    for reminder in (False, True):
+        context = renderer.context(inv, survey, reminder=reminder)
+        assert PHONE not in repr(context)
+        assert EMAIL not in repr(context)
+        assert "401234567" not in repr(context)
+    for expression in ("customer.phone", "customer.email", "phone", "to"):
+        write(tmp_path, "sms/invitation.txt.j2", "{{ " + expression + " }}")
+        with pytest.raises(UndefinedError):
+            renderer.sms(inv, survey)
+
+
+@pytest.mark.parametrize(
+    ("locale", "subject", "sms_start"),
+    [
+        ("fi", "Muistutus: Suosittelisitko meitä?", "Muistutus: Kuinka todennäköisesti"),
+        ("sv", "Påminnelse: Skulle du rekommendera oss?", "Påminnelse: Hur troligt"),
+        ("en", "Reminder: Would you recommend us?", "Reminder: How likely"),
+    ],
+)
+def test_reminders_say_so(
+    program: Program, renderer: Renderer, locale: str, subject: str, sms_start: str
+) -> None:
+    survey = nps_survey(program)
+    inv = invitation(survey, locale=locale)
+    first = renderer.email(inv, survey)
+    again = renderer.email(inv, survey, reminder=True)
+    assert again.subject == subject
+    assert first.subject != again.subject
+    texts = STRINGS[locale]
+    assert again.text.startswith(texts["reminder_intro"] + "\n")
+    assert first.text.startswith(texts["intro"] + "\n")
+    assert texts["reminder_intro"] in again.html
+    assert texts["intro"] not in again.html
+    # Otherwise the same email: question, buttons and links.
+    assert survey.question[locale] in again.html
+    assert parse(first.html).links == parse(again.html).links
+    sms_first = renderer.sms(inv, survey)
+    sms_again = renderer.sms(inv, survey, reminder=True)
+    assert sms_again.text.startswith(sms_start)
+    assert sms_again.text.endswith(sms_first.text)
+    assert sms_again.segments <= 2
+
+
+def test_reminder_texts_differ_between_locales() -> None:
+    for key in ("reminder_subject", "reminder_intro", "sms_reminder", "sms_answer", "sms_optout"):
+        assert len({STRINGS[locale][key] for locale in ("fi", "sv", "en")}) == 3, key
+    for locale in ("fi", "sv", "en"):
+        assert STRINGS[locale]["reminder_intro"] != STRINGS[locale]["intro"]
+        for key in ("sms_reminder", "sms_answer", "sms_optout"):
+            assert is_gsm7(STRINGS[locale][key]), (locale, key)
+        assert "STOP" in STRINGS[locale]["sms_optout"]
+
+
+def test_outbound_email(program: Program, renderer: Renderer) -> None:
+    survey = nps_survey(program)
+    inv = invitation(survey, locale="fi")
+    out = renderer.outbound_email(
+        inv,
+        survey,
+        sender=SENDER,
+        unsubscribe_mailto="unsubscribe@example.com",
+        domain="mail.example.com",
+    )
+    assert out.invitation_id == str(inv.invitation_id)
+    assert (out.sender, out.to, out.subject) == (SENDER, EMAIL, "Suosittelisitko meitä?")
+    assert (out.locale, out.survey_id, out.customer_id) == ("fi", survey.id, "cust-1")
+    rendered = renderer.email(inv, survey)
+    assert (out.text, out.html) == (rendered.text, rendered.html)
+    assert f"{PUBLIC_URL}/s/{TOKEN}?score=10" in out.html
+    # The headers an HTTP API passes on, exactly as in the MIME message, unfolded.
+    assert list(out.headers) == [
+        "Date",
+        "Message-ID",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "Auto-Submitted",
+        "X-Kaiku-Invitation",
+        "Content-Language",
+    ]
+    assert out.headers["Message-ID"] == f"<{inv.invitation_id}@mail.example.com>"
+    assert out.headers["List-Unsubscribe"] == (
+        f"<{PUBLIC_URL}/u/{TOKEN}>, <mailto:unsubscribe@example.com?subject=unsubscribe>"
+    )
+    assert out.headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert out.headers["Auto-Submitted"] == "auto-generated"
+    assert out.headers["X-Kaiku-Invitation"] == str(inv.invitation_id)
+    assert out.headers["Content-Language"] == "fi"
+    parsed = email.message_from_bytes(out.message.as_bytes(), policy=email.policy.SMTP)
+    for name, value in out.headers.items():
+        assert "\n" not in value
+        assert str(parsed[name]) == value, name
+    assert parsed["To"] == EMAIL
+    assert parsed["From"] == SENDER
+    assert parsed["In-Reply-To"] is None
+
+
+def test_outbound_email_of_a_reminder(program: Program, renderer: Renderer) -> None:
+    survey = nps_survey(program)
+    inv = invitation(survey, locale="sv")
+    kwargs: dict[str, Any] = {"sender": SENDER, "unsubscribe_mailto": None, "domain": "k.example"}
+    first = renderer.outbound_email(inv, survey, **kwargs)
+    again = renderer.outbound_email(inv, survey, reminder=True, **kwargs)
+    original = f"<{inv.invitation_id}@k.example>"
+    assert first.headers["Message-ID"] == original
+    assert again.headers["Message-ID"] == f"<{inv.invitation_id}.r1@k.example>"
+    assert again.headers["In-Reply-To"] == again.headers["References"] == original
+    assert "In-Reply-To" not in first.headers
+    assert again.subject == "Påminnelse: Skulle du rekommendera oss?"
+    parsed = email.message_from_bytes(again.message.as_bytes(), policy=email.policy.default)
+    assert parsed["Subject"] == again.subject
+    assert parsed["In-Reply-To"] == original
+    assert parsed["List-Unsubscribe"] == f"<{PUBLIC_URL}/u/{TOKEN}>"
+    plain = parsed.get_body(("plain",))
+    assert plain is not None
+    assert STRINGS["sv"]["reminder_intro"] in plain.get_content()
+
+
+def test_outbound_email_needs_an_address(program: Program, renderer: Renderer) -> None:
+    survey = nps_survey(program)
+    with pytest.raises(ValueError, match="no email address"):
+        renderer.outbound_email(
+            invitation(survey, email=None),
+            survey,
+            sender=SENDER,
+            unsubscribe_mailto=None,
+            domain="kaiku.local",
+        )
+
+
+def test_check_templates(program: Program, tmp_path: Path) -> None:
+    renderer = Renderer(PUBLIC_URL)
+    for survey in program.surveys:
+        assert check_templates(renderer, survey, max_segments=2) == []
+    survey = sms_survey().model_copy(update={"reminder": Reminder(after=timedelta(days=3))})
+    assert check_templates(renderer, survey, max_segments=2) == []
+    problems = check_templates(renderer, survey, max_segments=1)
+    # The sample has the longest token: of the six SMS only the English ones fit in one.
+    assert [p.split(": the SMS is 2 GSM-7 segments")[0] for p in problems] == [
+        "survey 'support-ces', sms, fi",
+        "survey 'support-ces', sms, fi, reminder",
+        "survey 'support-ces', sms, sv",
+        "survey 'support-ces', sms, sv, reminder",
+    ]
+    assert "(KAIKU_SMS_MAX_SEGMENTS)" in problems[0]
+    assert f"{PUBLIC_URL}/s/{'0' * 32} " in problems[0]
+    write(tmp_path, "email/invitation.fi.txt.j2", "{{ question }}\n{{ shop.name }}")
+    problems = check_templates(Renderer(PUBLIC_URL, tmp_path), survey, max_segments=2)
+    assert len(problems) == 2  # Finnish email and its reminder
+    assert problems[0].startswith("survey 'support-ces', email, fi: the template fails: ")
+    assert f"{tmp_path}/email/invitation.fi.txt.j2:2: 'shop' is undefined" in problems[0]
