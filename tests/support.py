@@ -118,11 +118,13 @@ def smtp_stack(
     sink: SmtpSink,
     token: str,
     public_url: str = "http://kaiku.test",
+    dispatcher: Any = None,
+    sms: Any = None,
 ) -> EmbeddedApp:
     """The three services, routed as under ``make run``, sending email to ``sink``."""
     from services.collector.app import create_app as collector_app
     from services.dispatcher.app import create_app as dispatcher_app
-    from services.dispatcher.channels.smtp import SmtpEmailChannel
+    from services.dispatcher.channels.smtp import SmtpEmail
     from services.dispatcher.config import DispatcherSettings, SmtpSettings
     from services.trigger.app import create_app as trigger_app
 
@@ -132,9 +134,15 @@ def smtp_stack(
         http=HttpSettings(api_token=SecretStr(token)),
         links=LinkSettings(public_url=public_url),
     )
-    smtp = SmtpEmailChannel(SmtpSettings(host="127.0.0.1", port=sink.port))
+    smtp = SmtpEmail(SmtpSettings(host="127.0.0.1", port=sink.port))
     return EmbeddedApp(
         trigger_app(settings, program=program),
-        dispatcher_app(settings, DispatcherSettings(poll_seconds=0.1), program=program, email=smtp),
+        dispatcher_app(
+            settings,
+            dispatcher or DispatcherSettings(poll_seconds=0.1),
+            program=program,
+            email=smtp,
+            sms=sms,
+        ),
         collector_app(settings, program=program),
     )

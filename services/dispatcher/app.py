@@ -1,51 +1,55 @@
-"""The dispatcher service: schedules, renders and sends invitations."""
+"""The dispatcher service: schedules, renders and sends invitations and their reminders, and
+takes the providers' delivery receipts."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import FastAPI
 
 from services.common import events
-from services.common.events import INVITATION_MESSAGE
+from services.common.events import INVITATION_MESSAGE, OptOutRecorded, ResponseSubmitted
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
 from services.common.settings import CommonSettings
-from services.dispatcher.channels import EmailChannel
-from services.dispatcher.channels.file import FileEmailChannel
-from services.dispatcher.channels.smtp import SmtpEmailChannel
-from services.dispatcher.config import DispatcherSettings, SmtpSettings
-from services.dispatcher.handlers import InvitationHandler
+from services.dispatcher import providers, receipts
+from services.dispatcher.channels import Provider
+from services.dispatcher.config import DispatcherSettings
+from services.dispatcher.handlers import InvitationHandler, OptOutHandler, ResponseHandler
 from services.dispatcher.models import Base
 from services.dispatcher.rendering import Renderer
 from services.dispatcher.scheduler import Scheduler
-
-
-def email_channel(dispatcher: DispatcherSettings) -> EmailChannel:
-    if dispatcher.email_channel == "smtp":
-        return SmtpEmailChannel(SmtpSettings())
-    return FileEmailChannel(dispatcher.outbox_dir)
 
 
 def create_app(
     settings: CommonSettings | None = None,
     dispatcher: DispatcherSettings | None = None,
     program: Program | None = None,
-    email: EmailChannel | None = None,
+    email: Provider[Any] | None = None,
+    sms: Provider[Any] | None = None,
 ) -> FastAPI:
+    """``email`` and ``sms`` replace the providers the settings choose (tests, embedding)."""
     settings = (settings or CommonSettings()).with_database("dispatcher")
     dispatcher = dispatcher or DispatcherSettings()
     program = program or load_program(settings.program.program)
+    public_url = dispatcher.provider_callback_url or settings.links.public_url
     runtime = Runtime(
         name="dispatcher", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
+    channels: dict[str, Provider[Any]] = {"email": email or providers.email_provider(dispatcher)}
+    sms_provider = sms or providers.sms_provider(dispatcher, public_url)
+    if sms_provider is not None:
+        channels["sms"] = sms_provider
+    for provider in channels.values():
+        runtime.on_stop(provider.aclose)
     scheduler = Scheduler(
         settings=dispatcher,
         program=program,
         renderer=Renderer(settings.links.public_url, dispatcher.template_dir),
-        email=email or email_channel(dispatcher),
+        providers=channels,
         sessions=runtime.sessions,
         producer=runtime.producer,
-        public_url=settings.links.public_url,
     )
     runtime.consume(
         "dispatcher",
@@ -54,8 +58,31 @@ def create_app(
         InvitationHandler(),
         after_batch=scheduler.wake,
     )
+    runtime.consume(
+        "dispatcher-responses",
+        events.RESPONSES,
+        json_decoder(ResponseSubmitted),
+        ResponseHandler(),
+        group="responses",
+    )
+    runtime.consume(
+        "dispatcher-optouts",
+        events.OPTOUTS,
+        json_decoder(OptOutRecorded),
+        OptOutHandler(),
+        group="optouts",
+    )
     runtime.add_worker("scheduler", scheduler.run, scheduler.stop)
 
     app = service_app("kaiku dispatcher", runtime)
+    app.include_router(
+        receipts.router(
+            providers.receipt_sources(dispatcher),
+            runtime.sessions,
+            settings.http.max_body_bytes,
+            public_url,
+            on_stored=scheduler.wake,
+        )
+    )
     app.state.scheduler = scheduler
     return app

@@ -36,6 +36,9 @@ class DispatcherSettings(BaseSettings):
     sms_from: str | None = None
     # An SMS template that renders to more segments than this fails `kaiku check` and the send.
     sms_max_segments: int = 2
+    # The public base URL providers call back on (…/v1/provider-events/{provider}); the
+    # survey links' KAIKU_PUBLIC_URL when unset. Twilio signs the full URL.
+    provider_callback_url: str | None = None
     # Customer-provided templates that override the shipped ones.
     template_dir: Path | None = None
     # This replica's name (the pod name on Kubernetes): claims of sends are marked with it.
@@ -116,8 +119,13 @@ class ElksSettings(_ProviderSettings):
     password: SecretStr | None = None
     base_url: str = "https://api.46elks.com"
     # 46elks does not sign its callbacks: this secret is put into the delivery-report URL
-    # kaiku gives 46elks, and a report without it is refused.
+    # kaiku gives 46elks, and a report without it is refused. It is the password of HTTP Basic
+    # credentials (user "kaiku"), so only A-Z a-z 0-9 . _ ~ - (e.g. `openssl rand -hex 32`); give
+    # the number's sms_url the same https://kaiku:<secret>@.../v1/provider-events/46elks.
     callback_secret: SecretStr | None = None
+    # Incoming SMS that are only one of these words (any case, comma-separated) opt the sender
+    # out. 46elks documents none of its own: add local ones ("LOPETA", "SLUTA") if you need them.
+    opt_out_keywords: str = "STOP"
 
 
 class WebhookChannelSettings(_ProviderSettings):

@@ -1,4 +1,6 @@
-"""The dispatcher's consumer: invitations in, scheduled sends stored (idempotent on id)."""
+"""The dispatcher's consumers: invitations in (scheduled sends, idempotent on id), answers in
+(a pending reminder is no longer needed), opt-outs in (pending sends to that contact point are
+cancelled, and the contact point is checked again at the moment of every send)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,27 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.events import InvitationCancelled, InvitationRequested, utcnow
+from services.common.events import (
+    InvitationCancelled,
+    InvitationRequested,
+    OptOutRecorded,
+    ResponseSubmitted,
+    utcnow,
+)
 from services.common.kafka import HandlerResult, Incoming
 from services.dispatcher import repository
+
+
+def contact_of(invitation: InvitationRequested) -> str | None:
+    """The contact point an invitation goes to on its channel."""
+    customer = invitation.customer
+    if invitation.channel == "sms":
+        return customer.phone
+    return customer.email.lower() if customer.email else None
 
 
 @dataclass
@@ -33,9 +50,11 @@ class InvitationHandler:
                 continue
             rows[inv.invitation_id] = {
                 "invitation_id": inv.invitation_id,
+                "kind": "invitation",
                 "customer_id": inv.customer.id,
                 "survey_id": inv.survey_id,
                 "channel": inv.channel,
+                "contact": contact_of(inv),
                 "invitation": inv.model_dump(mode="json"),
                 "status": "pending",
                 "send_at": inv.send_at,
@@ -46,4 +65,63 @@ class InvitationHandler:
         # A cancellation follows its request on the same partition: apply it after the inserts.
         for reason, ids in cancels.items():
             await repository.cancel(session, ids, reason=reason, now=now)
+        return HandlerResult()
+
+
+@dataclass
+class ResponseHandler:
+    """An answer makes the invitation's reminder unnecessary."""
+
+    clock: Callable[[], datetime] = utcnow
+
+    async def __call__(
+        self, batch: list[Incoming[ResponseSubmitted]], session: AsyncSession
+    ) -> HandlerResult:
+        ids = {item.message.invitation_id for item in batch}
+        await repository.cancel(
+            session, ids, reason="answered", now=self.clock(), kinds=("reminder",)
+        )
+        return HandlerResult()
+
+
+@dataclass
+class OptOutHandler:
+    """Opt-outs from the unsubscribe page (and from the other services): the contact point is
+    resolved from the invitation's send, else the whole customer is opted out on the channel."""
+
+    clock: Callable[[], datetime] = utcnow
+
+    async def __call__(
+        self, batch: list[Incoming[OptOutRecorded]], session: AsyncSession
+    ) -> HandlerResult:
+        now = self.clock()
+        ids = [i.message.invitation_id for i in batch if i.message.invitation_id]
+        contacts = {
+            (s.invitation_id, s.channel): s.contact
+            for s in await repository.sends_of(session, ids)
+            if s.contact
+        }
+        rows: list[dict[str, Any]] = []
+        keys: list[tuple[str, str]] = []
+        for item in batch:
+            o = item.message
+            contact = contacts.get((o.invitation_id, o.channel)) if o.invitation_id else None
+            key = contact or repository.customer_key(o.customer_id)
+            keys.append((o.channel, key))
+            rows.append(
+                {
+                    "channel": o.channel,
+                    "contact": key,
+                    "customer_id": o.customer_id,
+                    "invitation_id": o.invitation_id,
+                    "survey_id": o.survey_id,
+                    "source": o.source,
+                    "reason": o.reason,
+                    "optout_id": o.optout_id,
+                    "created_at": now,
+                    "published_at": now,  # it came from the topic: nothing to publish
+                }
+            )
+        await repository.add_optouts(session, rows)
+        await repository.cancel_to(session, keys, reason="opted out", now=now)
         return HandlerResult()

@@ -1,9 +1,15 @@
-"""Sends due invitations: claims them in batches, sends, records the outcome, publishes deliveries.
+"""Sends due messages: claims them in batches, sends, records the outcome, publishes deliveries.
 
 A send goes pending → sending (committed before the provider is called) → sent | failed. A crash
 between the two commits leaves it in ``sending``; it is then marked ``in_doubt`` and never retried
 blindly, because a survey sent twice annoys more than one not sent. Transient provider errors put
 the send back to pending with exponential back-off and jitter, a bounded number of times.
+
+At the moment of sending (in the claim's transaction, so nothing is ``sending`` that will not
+be sent) each due message is checked again: a contact point that opted out since it was
+scheduled cancels it, an expired link cancels it, and quiet hours in the recipient's time zone
+move it to the next allowed minute. A sent invitation whose survey has a reminder schedules it
+(``after`` the send, before the link expires); an answer or an opt-out cancels it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,23 +28,26 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common import events
 from services.common.db import unit_of_work
-from services.common.events import DeliveryRecorded, InvitationRequested, utcnow
+from services.common.events import DeliveryRecorded, InvitationRequested, OptOutRecorded, utcnow
 from services.common.faults import failpoint
 from services.common.kafka import Outgoing, Producer, is_transient
 from services.common.logging import bound
 from services.common.program import Program
+from services.common.quiet_hours import allowed_from
 from services.common.runtime import Worker
 from services.dispatcher import repository
-from services.dispatcher.channels import EmailChannel, OutboundEmail, SendResult
+from services.dispatcher.channels import OutboundEmail, OutboundSms, Provider, SendResult
 from services.dispatcher.config import DispatcherSettings
-from services.dispatcher.models import Send
-from services.dispatcher.rendering import Renderer, build_message
+from services.dispatcher.models import OptOut, Receipt, Send
+from services.dispatcher.rendering import Renderer
 
 log = logging.getLogger(__name__)
 
-SENT = Counter("kaiku_invitations_sent_total", "Invitations sent", ["channel", "provider"])
+SENT = Counter("kaiku_invitations_sent_total", "Messages sent", ["channel", "provider", "kind"])
 FAILED = Counter(
-    "kaiku_invitations_failed_total", "Invitations that failed for good", ["channel", "provider"]
+    "kaiku_invitations_failed_total",
+    "Messages that failed for good",
+    ["channel", "provider", "kind"],
 )
 RETRIED = Counter(
     "kaiku_invitations_retried_total", "Transient send failures retried", ["channel", "provider"]
@@ -46,7 +56,20 @@ IN_DOUBT = Counter(
     "kaiku_invitations_in_doubt_total",
     "Sends interrupted between start and recorded outcome (never retried)",
 )
+HELD = Counter(
+    "kaiku_sends_held_total",
+    "Due messages not sent at their time, by reason (quiet_hours moves; the others cancel)",
+    ["reason"],
+)
 LATENCY = Gauge("kaiku_last_send_delay_seconds", "Delay between send_at and the actual send")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What to do with a due send: send it, or the row update that holds it."""
+
+    send: bool
+    update: dict[str, Any]
 
 
 class Scheduler(Worker):
@@ -56,29 +79,28 @@ class Scheduler(Worker):
         settings: DispatcherSettings,
         program: Program,
         renderer: Renderer,
-        email: EmailChannel,
+        providers: Mapping[str, Provider[Any]],
         sessions: async_sessionmaker[AsyncSession],
         producer: Producer,
-        public_url: str,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         super().__init__(settings.poll_seconds)
         self.settings = settings
         self.program = program
         self.renderer = renderer
-        self.email = email
+        self.providers = dict(providers)
         self.sessions = sessions
         self.producer = producer
-        self.public_url = public_url
         self.clock = clock
         self._sem = asyncio.Semaphore(settings.send_concurrency)
+        self._last_sweep = 0.0
 
     async def run(self) -> None:
         await self.recover()
         while not self.stopping:
             try:
                 claimed = await self.round()
-                await self.publish_deliveries()
+                await self.publish_outbox()
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -101,92 +123,262 @@ class Scheduler(Worker):
             IN_DOUBT.inc(n)
             log.warning("%d send(s) were interrupted by a crash and are now in doubt", n)
 
+    # -- one round --------------------------------------------------------------------------------
+
     async def round(self) -> int:
         """Claim one batch of due sends, send them, record the outcomes. Returns the batch size."""
         now = self.clock()
+        claimed: list[Send] = []
         async with unit_of_work(self.sessions) as session:
-            claimed = await repository.claim_due(
-                session,
-                now=now,
-                limit=self.settings.claim_batch,
-                instance=self.settings.instance_id,
-            )
-        if not claimed:
-            if now.second % 30 == 0:  # cheap periodic sweep for other replicas' abandoned claims
+            due = await repository.due(session, now=now, limit=self.settings.claim_batch)
+            if due:
+                claimed = await self._claim(session, due, now)
+        if not due:
+            if now.timestamp() - self._last_sweep > 30:  # other replicas' abandoned claims
+                self._last_sweep = now.timestamp()
                 await self.recover()
             return 0
+        for s in claimed:  # as committed (the rows are detached now)
+            s.status, s.attempts = "sending", s.attempts + 1
         failpoint("dispatcher.after_claim")
-        outcomes = await asyncio.gather(*(self._send_one(s) for s in claimed))
-        failpoint("dispatcher.after_send")
-        async with unit_of_work(self.sessions) as session:
-            await repository.record_outcomes(session, outcomes)
-        return len(claimed)
+        if claimed:
+            outcomes = await asyncio.gather(*(self._send_one(s) for s in claimed))
+            failpoint("dispatcher.after_send")
+            async with unit_of_work(self.sessions) as session:
+                await self._record(session, claimed, outcomes)
+        return len(due)
 
-    async def _send_one(self, send: Send) -> dict[str, Any]:
-        invitation = InvitationRequested.model_validate(send.invitation)
+    async def _claim(self, session: AsyncSession, due: list[Send], now: datetime) -> list[Send]:
+        """Check each due send again; mark the ones to send ``sending`` (committed before any
+        provider is called) and hold the rest."""
+        keys = set()
+        for s in due:
+            keys.add((s.channel, repository.customer_key(s.customer_id)))
+            if s.contact:
+                keys.add((s.channel, s.contact))
+        opted = await repository.opted_out(session, keys)
+        updates, claimed = [], []
+        for s in due:
+            verdict = self._check(s, opted, now)
+            updates.append({"invitation_id": s.invitation_id, "kind": s.kind, **verdict.update})
+            if verdict.send:
+                claimed.append(s)
+        await repository.update_sends(session, updates)
+        return claimed
+
+    def _check(self, s: Send, opted: set[tuple[str, str]], now: datetime) -> _Verdict:
+        invitation = s.invitation
+        if (s.channel, s.contact or "") in opted or (
+            s.channel,
+            repository.customer_key(s.customer_id),
+        ) in opted:
+            HELD.labels(reason="opted_out").inc()
+            return _Verdict(False, _cancelled("opted out before the send", now))
+        expires = datetime.fromisoformat(invitation["expires_at"])
+        if now >= expires:
+            HELD.labels(reason="expired").inc()
+            return _Verdict(False, _cancelled("the survey link expired before the send", now))
+        zone = invitation.get("timezone") or invitation["customer"].get("timezone")
+        at = allowed_from(self.program.fatigue, now, s.channel, zone)
+        if at > now:
+            HELD.labels(reason="quiet_hours").inc()
+            log.info("quiet hours in the recipient's time zone: send moved to %s", at.isoformat())
+            return _Verdict(False, {"send_at": at})
+        return _Verdict(
+            True,
+            {
+                "status": "sending",
+                "claimed_by": self.settings.instance_id,
+                "claimed_at": now,
+                "attempts": s.attempts + 1,
+            },
+        )
+
+    async def _send_one(self, send: Send) -> SendResult:
         with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
+            provider = self.providers.get(send.channel)
+            if provider is None:
+                return SendResult(
+                    "permanent", reason=f"no provider is configured for {send.channel}"
+                )
+            try:
+                message = self._render(send)
+            except (ValueError, KeyError) as exc:
+                return SendResult("permanent", reason=f"cannot render the message: {exc}")
             async with self._sem:
-                result = await self._deliver(invitation)
-            now = self.clock()
-            row: dict[str, Any] = {
-                "invitation_id": send.invitation_id,
-                "provider": self.email.name,
-                "reason": result.reason,
-            }
-            labels = {"channel": send.channel, "provider": self.email.name}
-            if result.outcome == "sent":
-                SENT.labels(**labels).inc()
-                LATENCY.set((now - send.send_at).total_seconds())
-                log.info("invitation sent")
-                row.update(
-                    status="sent", finished_at=now, provider_message_id=result.provider_message_id
-                )
-            elif result.outcome == "transient" and send.attempts < self.settings.max_attempts:
-                RETRIED.labels(**labels).inc()
-                backoff = min(3600.0, 5.0 * 2 ** (send.attempts - 1)) * (0.5 + random.random())
-                log.warning(
-                    "send failed (%s); retry %d in %.0fs", result.reason, send.attempts, backoff
-                )
-                row.update(
-                    status="pending",
-                    send_at=now + timedelta(seconds=backoff),
-                    claimed_by=None,
-                    claimed_at=None,
-                )
-            else:
-                FAILED.labels(**labels).inc()
-                log.warning("send failed for good: %s", result.reason)
-                row.update(status="failed", finished_at=now)
-            return row
+                try:
+                    return await provider.send(message)
+                except Exception as exc:  # a provider bug must not lose the outcome
+                    log.exception("provider %s raised", provider.name)
+                    return SendResult("transient", reason=f"{provider.name}: {type(exc).__name__}")
 
-    async def _deliver(self, invitation: InvitationRequested) -> SendResult:
+    def _render(self, send: Send) -> OutboundEmail | OutboundSms:
+        invitation = InvitationRequested.model_validate(send.invitation)
         try:
             survey = self.program.survey(invitation.survey_id)
         except KeyError:
-            return SendResult("permanent", reason="the survey is no longer in the program")
-        if invitation.channel != "email" or invitation.customer.email is None:
-            return SendResult("permanent", reason=f"no provider for channel {invitation.channel}")
-        rendered = self.renderer.email(invitation, survey)
-        message = build_message(
-            rendered,
-            invitation=invitation,
+            raise ValueError("the survey is no longer in the program") from None
+        reminder = send.kind == "reminder"
+        if send.channel == "sms":
+            return self.renderer.outbound_sms(
+                invitation,
+                survey,
+                sender=self.settings.sms_from,
+                max_segments=self.settings.sms_max_segments,
+                reminder=reminder,
+            )
+        return self.renderer.outbound_email(
+            invitation,
+            survey,
             sender=self.settings.email_from,
-            public_url=self.public_url,
             unsubscribe_mailto=self.settings.unsubscribe_mailto,
             domain=self.settings.email_domain,
+            reminder=reminder,
         )
-        return await self.email.send(OutboundEmail(str(invitation.invitation_id), message))
 
-    async def publish_deliveries(self, limit: int = 500) -> int:
-        """The outbox relay: publish the delivery events not yet on ``kaiku.deliveries``."""
+    async def _record(
+        self, session: AsyncSession, sends: list[Send], outcomes: list[SendResult]
+    ) -> None:
+        now = self.clock()
+        rows: list[dict[str, Any]] = []
+        reminders: list[dict[str, Any]] = []
+        optouts: list[dict[str, Any]] = []
+        keys: list[tuple[str, str]] = []
+        for send, result in zip(sends, outcomes, strict=True):
+            with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
+                rows.append(self._outcome(send, result, now))
+                if result.outcome == "sent" and send.kind == "invitation":
+                    reminder = self._reminder(send, now)
+                    if reminder is not None:
+                        reminders.append(reminder)
+                if result.outcome == "permanent" and result.suppress and send.contact:
+                    optouts.append(_optout_row(send, result.suppress, now))
+                    keys.append((send.channel, send.contact))
+        await repository.update_sends(session, rows)
+        await repository.schedule(session, reminders)
+        if optouts:
+            await repository.add_optouts(session, optouts)
+            await repository.cancel_to(
+                session,
+                keys,
+                reason="the provider refused the contact point",
+                now=now,
+            )
+
+    def _outcome(self, send: Send, result: SendResult, now: datetime) -> dict[str, Any]:
+        provider = self.providers[send.channel].name if send.channel in self.providers else "none"
+        row: dict[str, Any] = {
+            "invitation_id": send.invitation_id,
+            "kind": send.kind,
+            "provider": provider,
+            "reason": result.reason,
+        }
+        labels = {"channel": send.channel, "provider": provider}
+        if result.outcome == "sent":
+            SENT.labels(**labels, kind=send.kind).inc()
+            LATENCY.set((now - send.send_at).total_seconds())
+            log.info("%s sent", send.kind)
+            row.update(
+                status="sent", finished_at=now, provider_message_id=result.provider_message_id
+            )
+        elif result.outcome == "transient" and send.attempts < self.settings.max_attempts:
+            RETRIED.labels(**labels).inc()
+            backoff = min(
+                self.settings.retry_max_seconds,
+                self.settings.retry_base_seconds * 2 ** (send.attempts - 1),
+            ) * (0.5 + random.random())
+            backoff = max(backoff, result.retry_after or 0.0)
+            log.warning(
+                "send failed (%s); retry %d in %.0fs", result.reason, send.attempts, backoff
+            )
+            row.update(
+                status="pending",
+                send_at=now + timedelta(seconds=backoff),
+                claimed_by=None,
+                claimed_at=None,
+            )
+        else:
+            FAILED.labels(**labels, kind=send.kind).inc()
+            log.warning("send failed for good: %s", result.reason)
+            row.update(status="failed", finished_at=now)
+        return row
+
+    def _reminder(self, send: Send, now: datetime) -> dict[str, Any] | None:
+        try:
+            survey = self.program.survey(send.survey_id)
+        except KeyError:
+            return None
+        if survey.reminder is None:
+            return None
+        at = now + survey.reminder.after
+        if at >= datetime.fromisoformat(send.invitation["expires_at"]):
+            return None  # the link would be dead by then
+        return {
+            "invitation_id": send.invitation_id,
+            "kind": "reminder",
+            "customer_id": send.customer_id,
+            "survey_id": send.survey_id,
+            "channel": send.channel,
+            "contact": send.contact,
+            "invitation": send.invitation,
+            "status": "pending",
+            "send_at": at,
+            "attempts": 0,
+            "created_at": now,
+        }
+
+    # -- the outbox relay -------------------------------------------------------------------------
+
+    async def publish_outbox(self, limit: int = 500) -> int:
+        """Publish what is not yet on Kafka: send outcomes and receipts to ``kaiku.deliveries``,
+        opt-outs found by the dispatcher to ``kaiku.optouts``."""
         async with unit_of_work(self.sessions) as session:
-            rows = await repository.unpublished(session, limit)
-            if not rows:
+            sends = await repository.unpublished(session, limit)
+            receipts = await repository.unpublished_receipts(session, limit)
+            optouts = await repository.unpublished_optouts(session, limit)
+            if not (sends or receipts or optouts):
                 return 0
-            await self.producer.publish([_delivery(r) for r in rows])
-            ids: list[uuid.UUID] = [r.invitation_id for r in rows]
-            await repository.mark_published(session, ids, self.clock())
-        return len(rows)
+            messages = [_delivery(s) for s in sends]
+            messages += [m for r in receipts if (m := _receipt_delivery(r)) is not None]
+            messages += [m for o in optouts if (m := _optout(o)) is not None]
+            await self.producer.publish(messages)
+            now = self.clock()
+            await repository.mark_published(
+                session, [(s.invitation_id, s.kind) for s in sends], now
+            )
+            await repository.mark_receipts_published(
+                session, [(r.provider, r.event_id) for r in receipts], now
+            )
+            await repository.mark_optouts_published(
+                session, [(o.channel, o.contact) for o in optouts], now
+            )
+        return max(len(sends), len(receipts), len(optouts))
+
+    # Kept for callers of the first version.
+    publish_deliveries = publish_outbox
+
+
+def _cancelled(reason: str, now: datetime) -> dict[str, Any]:
+    return {"status": "cancelled", "reason": f"cancelled: {reason}", "finished_at": now}
+
+
+def _optout_row(send: Send, reason: str, now: datetime) -> dict[str, Any]:
+    return {
+        "channel": send.channel,
+        "contact": send.contact,
+        "customer_id": send.customer_id,
+        "invitation_id": send.invitation_id,
+        "survey_id": send.survey_id,
+        "source": "provider",
+        "reason": reason,
+        "optout_id": uuid.uuid4(),
+        "created_at": now,
+        "published_at": None,
+    }
+
+
+def _channel(value: str) -> events.SurveyChannel:
+    return "sms" if value == "sms" else "email"
 
 
 def _delivery(send: Send) -> Outgoing:
@@ -194,7 +386,7 @@ def _delivery(send: Send) -> Outgoing:
         invitation_id=send.invitation_id,
         survey_id=send.survey_id,
         customer_id=send.customer_id,
-        channel="sms" if send.channel == "sms" else "email",
+        channel=_channel(send.channel),
         provider=send.provider or "none",
         status="sent"
         if send.status == "sent"
@@ -203,5 +395,40 @@ def _delivery(send: Send) -> Outgoing:
         provider_message_id=send.provider_message_id,
         attempts=send.attempts,
         occurred_at=send.finished_at or utcnow(),
+        kind="reminder" if send.kind == "reminder" else "invitation",
     )
     return Outgoing(events.DELIVERIES, send.customer_id, message)
+
+
+def _receipt_delivery(r: Receipt) -> Outgoing | None:
+    if r.invitation_id is None or r.customer_id is None or r.survey_id is None:
+        return None  # a STOP from a number kaiku never wrote to: nothing to tell
+    message = DeliveryRecorded(
+        invitation_id=r.invitation_id,
+        survey_id=r.survey_id,
+        customer_id=r.customer_id,
+        channel=_channel(r.channel),
+        provider=r.provider,
+        status=r.status,
+        reason=r.reason,
+        provider_message_id=r.provider_message_id,
+        occurred_at=r.occurred_at,
+        kind="reminder" if r.kind == "reminder" else "invitation",
+    )
+    return Outgoing(events.DELIVERIES, r.customer_id, message)
+
+
+def _optout(o: OptOut) -> Outgoing | None:
+    if o.customer_id is None:
+        return None
+    message = OptOutRecorded(
+        optout_id=o.optout_id,
+        customer_id=o.customer_id,
+        channel=_channel(o.channel),
+        invitation_id=o.invitation_id,
+        survey_id=o.survey_id,
+        source="provider",
+        reason=o.reason,
+        occurred_at=o.created_at,
+    )
+    return Outgoing(events.OPTOUTS, o.customer_id, message)

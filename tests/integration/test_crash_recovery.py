@@ -42,7 +42,7 @@ def service(
         "KAIKU_PROGRAM": str(ROOT / "deploy/local/program.yaml"),
         "KAIKU_PORT": str(free_port()),
         "KAIKU_API_TOKEN": "crash-test",
-        "KAIKU_EMAIL_CHANNEL": "smtp",
+        "KAIKU_EMAIL_PROVIDER": "smtp",
         "KAIKU_SMTP_HOST": "127.0.0.1",
         "KAIKU_SMTP_PORT": str(sink.port),
         "KAIKU_POLL_SECONDS": "0.2",

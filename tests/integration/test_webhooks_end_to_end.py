@@ -396,7 +396,7 @@ def stack(
         ),
         dispatcher_app(
             settings,
-            DispatcherSettings(email_channel="file", outbox_dir=outbox, poll_seconds=0.1),
+            DispatcherSettings(email_provider="file", outbox_dir=outbox, poll_seconds=0.1),
             program=program,
         ),
         collector_app(settings, program=program),
