@@ -81,6 +81,3 @@ class FileSms:
 
     async def aclose(self) -> None:
         """Nothing to close."""
-
-
-# The name services/dispatcher/app.py imports until it is updated.

@@ -221,6 +221,3 @@ class SmtpEmail:
 
     async def aclose(self) -> None:
         """Nothing to close: every send has a connection of its own."""
-
-
-# The name services/dispatcher/app.py and tests/support.py import until they are updated.
