@@ -177,6 +177,62 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sends(args: argparse.Namespace) -> int:
+    """The dispatcher's sends: counts per status, or the list of those in doubt."""
+    import asyncio
+    import json
+
+    from services.common.db import create_engine, create_sessionmaker
+    from services.common.settings import CommonSettings
+    from services.dispatcher import repository
+
+    database = CommonSettings().with_database("dispatcher").database
+
+    async def read() -> int:
+        engine = create_engine(database)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                if args.what == "counts":
+                    counts = await repository.counts(session)
+                    if args.format == "json":
+                        print(json.dumps(counts, sort_keys=True))
+                    else:
+                        for status, n in sorted(counts.items()):
+                            print(f"{status:<10} {n}")
+                    return 0
+                rows = await repository.in_doubt(session, args.limit)
+        finally:
+            await engine.dispose()
+        # No contact details: the ids are enough to look a send up, and this output gets pasted.
+        listed = [
+            {
+                "invitation_id": str(s.invitation_id),
+                "kind": s.kind,
+                "customer_id": s.customer_id,
+                "survey_id": s.survey_id,
+                "channel": s.channel,
+                "provider": s.provider,
+                "claimed_by": s.claimed_by,
+                "claimed_at": s.claimed_at.isoformat() if s.claimed_at else None,
+                "marked_at": s.finished_at.isoformat() if s.finished_at else None,
+            }
+            for s in rows
+        ]
+        if args.format == "json":
+            print(json.dumps(listed, indent=2))
+        else:
+            print(f"{len(listed)} send(s) in doubt (started, outcome unknown; never retried)")
+            for r in listed:
+                print(
+                    f"{r['invitation_id']}  {r['kind']:<10} {r['channel']:<5} "
+                    f"{r['survey_id']:<24} customer {r['customer_id']}  "
+                    f"claimed by {r['claimed_by']} at {r['claimed_at']}"
+                )
+        return 0
+
+    return asyncio.run(read())
+
+
 def _run(_args: argparse.Namespace) -> int:
     import asyncio
 
@@ -231,6 +287,15 @@ def main(argv: list[str] | None = None) -> None:
         "is its last event's time): shorter is more exact, longer is faster",
     )
     sim.set_defaults(func=_simulate)
+    sends = sub.add_parser(
+        "sends",
+        help="the dispatcher's sends: counts per status, or the ones in doubt after a crash "
+        "(reads KAIKU_DISPATCHER_DATABASE_URL, else KAIKU_DATABASE_URL)",
+    )
+    sends.add_argument("what", choices=["in-doubt", "counts"])
+    sends.add_argument("--format", choices=["text", "json"], default="text")
+    sends.add_argument("--limit", type=int, default=1000)
+    sends.set_defaults(func=_sends)
     run = sub.add_parser("run", help="run everything on one machine (the embedded default)")
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ the kill, and there are no more of those than the killed replica had in flight."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 from aiokafka import AIOKafkaProducer
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, select
@@ -38,8 +40,21 @@ class SlowSink(SmtpSink):
         return await super().handle_DATA(server, session, envelope)
 
 
+def environment(db: DatabaseSettings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KAIKU_DATABASE_URL": db.url,
+        "KAIKU_DATABASE_SCHEMA": db.schema_name or "",
+    }
+
+
 def replica(
-    instance: str, kafka: KafkaSettings, db: DatabaseSettings, sink: SmtpSink, log: Path
+    instance: str,
+    kafka: KafkaSettings,
+    db: DatabaseSettings,
+    sink: SmtpSink,
+    log: Path,
+    port: int | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -52,7 +67,7 @@ def replica(
         "KAIKU_DATABASE_URL": db.url,
         "KAIKU_DATABASE_SCHEMA": db.schema_name or "",
         "KAIKU_PROGRAM": str(ROOT / "deploy/local/program.yaml"),
-        "KAIKU_PORT": str(free_port()),
+        "KAIKU_PORT": str(port or free_port()),
         "KAIKU_EMAIL_PROVIDER": "smtp",
         "KAIKU_SMTP_HOST": "127.0.0.1",
         "KAIKU_SMTP_PORT": str(sink.port),
@@ -147,15 +162,14 @@ async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silen
                     )
                 )
             ).scalar_one()
-        a = replica("replica-a", kafka, postgres, sink, log)  # restarted under the same name
+        port = free_port()
+        a = replica("replica-a", kafka, postgres, sink, log, port)  # restarted, same name
         procs.append(a)
 
         async def finished() -> dict[str, int] | None:
             async with sessions() as s:
                 rows = dict(
-                    (
-                        await s.execute(select(Send.status, func.count()).group_by(Send.status))
-                    ).all()
+                    (await s.execute(select(Send.status, func.count()).group_by(Send.status))).all()
                 )
             done = rows.get("sent", 0) + rows.get("in_doubt", 0) + rows.get("failed", 0)
             return rows if done == INVITATIONS else None
@@ -185,6 +199,19 @@ async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silen
         # In doubt: exactly what the killed replica had in flight, no more.
         assert len(doubt) == in_flight <= 40, (len(doubt), in_flight)
         assert in_flight > 0, "the kill did not land mid-batch; nothing was tested"
+        # The ops CLI lists exactly those, and the restarted replica counts them in its metrics.
+        cli = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "services.cli", "sends", "in-doubt", "--format", "json"),
+            env=environment(postgres),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await cli.communicate()
+        assert cli.returncode == 0
+        assert {r["invitation_id"] for r in json.loads(out)} == doubt
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert f"kaiku_invitations_in_doubt_total {float(in_flight)}" in metrics
         log_text = log.read_text()
         assert "are now in doubt" in log_text
         assert "@example.com" not in log_text
