@@ -37,6 +37,7 @@ from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
 from services.trigger.ingress.generic import sign
 from services.trigger.models import Base as TriggerBase
+from tests.bench import dispatch
 from tests.bench.http import Served, requests_per_second
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -308,6 +309,15 @@ async def main(n: int) -> list[Figure]:
         finally:
             await drop_schema(pg)
         figures.append(await webhook_ingress(kafka, max(1000, n // 5)))
+        program = load_program(ROOT / "deploy/local/program.yaml")
+        sends = max(500, n // 10)
+        for name, measure in (("smtp", dispatch.smtp_rates), ("http", dispatch.http_rates)):
+            pg = await pg_schema()
+            try:
+                rate, bare = await measure(program, pg, sends)
+            finally:
+                await drop_schema(pg)
+            figures.append(Figure(f"dispatcher_sends_{name}", rate, "sends/s", bare, "sends/s"))
     finally:
         broker.stop()
     return figures
