@@ -123,9 +123,7 @@ async def test_reminder_goes_only_to_those_who_neither_answered_nor_opted_out(
         assert r.status_code == 200, r.text
 
         # The silent customer gets the reminder, with the same survey link.
-        await eventually(
-            lambda: len(to(smtp_sink, "silent")) == 2, timeout=20, what="the reminder"
-        )
+        await eventually(lambda: len(to(smtp_sink, "silent")) == 2, timeout=20, what="the reminder")
         first, reminder = to(smtp_sink, "silent")
         assert survey_link(reminder) == survey_link(first)
         assert reminder["Message-ID"] != first["Message-ID"]
