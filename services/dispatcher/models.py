@@ -44,6 +44,9 @@ class Send(Base):
     status: Mapped[str] = mapped_column(String(12), default="pending")
     send_at: Mapped[datetime] = mapped_column(UtcDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # SMS: the encoding (GSM-7 or UCS-2) and the number of segments billed for the message.
+    sms_encoding: Mapped[str | None] = mapped_column(String(8))
+    sms_segments: Mapped[int | None] = mapped_column(Integer)
     provider: Mapped[str | None] = mapped_column(String(40))
     provider_message_id: Mapped[str | None] = mapped_column(String(300))
     reason: Mapped[str | None] = mapped_column(Text)

@@ -61,6 +61,7 @@ HELD = Counter(
     "Due messages not sent at their time, by reason (quiet_hours moves; the others cancel)",
     ["reason"],
 )
+SEGMENTS = Counter("kaiku_sms_segments_total", "SMS segments sent (billed)", ["encoding"])
 LATENCY = Gauge("kaiku_last_send_delay_seconds", "Delay between send_at and the actual send")
 
 
@@ -194,23 +195,24 @@ class Scheduler(Worker):
             },
         )
 
-    async def _send_one(self, send: Send) -> SendResult:
+    async def _send_one(self, send: Send) -> tuple[SendResult, OutboundSms | None]:
         with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
             provider = self.providers.get(send.channel)
             if provider is None:
-                return SendResult(
-                    "permanent", reason=f"no provider is configured for {send.channel}"
-                )
+                reason = f"no provider is configured for {send.channel}"
+                return SendResult("permanent", reason=reason), None
             try:
                 message = self._render(send)
             except (ValueError, KeyError) as exc:
-                return SendResult("permanent", reason=f"cannot render the message: {exc}")
+                return SendResult("permanent", reason=f"cannot render the message: {exc}"), None
+            sms = message if isinstance(message, OutboundSms) else None
             async with self._sem:
                 try:
-                    return await provider.send(message)
+                    return await provider.send(message), sms
                 except Exception as exc:  # a provider bug must not lose the outcome
                     log.exception("provider %s raised", provider.name)
-                    return SendResult("transient", reason=f"{provider.name}: {type(exc).__name__}")
+                    reason = f"{provider.name}: {type(exc).__name__}"
+                    return SendResult("transient", reason=reason), sms
 
     def _render(self, send: Send) -> OutboundEmail | OutboundSms:
         invitation = InvitationRequested.model_validate(send.invitation)
@@ -237,16 +239,24 @@ class Scheduler(Worker):
         )
 
     async def _record(
-        self, session: AsyncSession, sends: list[Send], outcomes: list[SendResult]
+        self,
+        session: AsyncSession,
+        sends: list[Send],
+        outcomes: list[tuple[SendResult, OutboundSms | None]],
     ) -> None:
         now = self.clock()
         rows: list[dict[str, Any]] = []
         reminders: list[dict[str, Any]] = []
         optouts: list[dict[str, Any]] = []
         keys: list[tuple[str, str]] = []
-        for send, result in zip(sends, outcomes, strict=True):
+        for send, (result, sms) in zip(sends, outcomes, strict=True):
             with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
-                rows.append(self._outcome(send, result, now))
+                row = self._outcome(send, result, now)
+                if sms is not None:
+                    row.update(sms_encoding=sms.encoding, sms_segments=sms.segments)
+                    if result.outcome == "sent":
+                        SEGMENTS.labels(encoding=sms.encoding).inc(sms.segments)
+                rows.append(row)
                 if result.outcome == "sent" and send.kind == "invitation":
                     reminder = self._reminder(send, now)
                     if reminder is not None:
