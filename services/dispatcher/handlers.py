@@ -31,6 +31,23 @@ def contact_of(invitation: InvitationRequested) -> str | None:
     return customer.email.lower() if customer.email else None
 
 
+def send_row(inv: InvitationRequested, now: datetime) -> dict[str, Any]:
+    """The pending send of an invitation."""
+    return {
+        "invitation_id": inv.invitation_id,
+        "kind": "invitation",
+        "customer_id": inv.customer.id,
+        "survey_id": inv.survey_id,
+        "channel": inv.channel,
+        "contact": contact_of(inv),
+        "invitation": inv.model_dump(mode="json"),
+        "status": "pending",
+        "send_at": inv.send_at,
+        "attempts": 0,
+        "created_at": now,
+    }
+
+
 @dataclass
 class InvitationHandler:
     clock: Callable[[], datetime] = utcnow
@@ -48,19 +65,7 @@ class InvitationHandler:
             if isinstance(inv, InvitationCancelled):
                 cancels.setdefault(inv.reason, []).append(inv.invitation_id)
                 continue
-            rows[inv.invitation_id] = {
-                "invitation_id": inv.invitation_id,
-                "kind": "invitation",
-                "customer_id": inv.customer.id,
-                "survey_id": inv.survey_id,
-                "channel": inv.channel,
-                "contact": contact_of(inv),
-                "invitation": inv.model_dump(mode="json"),
-                "status": "pending",
-                "send_at": inv.send_at,
-                "attempts": 0,
-                "created_at": now,
-            }
+            rows[inv.invitation_id] = send_row(inv, now)
         await repository.schedule(session, list(rows.values()))
         # A cancellation follows its request on the same partition: apply it after the inserts.
         for reason, ids in cancels.items():

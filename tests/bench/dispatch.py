@@ -23,7 +23,7 @@ from services.dispatcher.channels import OutboundEmail, Provider, SendResult
 from services.dispatcher.channels.smtp import SmtpEmail
 from services.dispatcher.channels.webhook import WebhookChannel
 from services.dispatcher.config import DispatcherSettings, SmtpSettings, WebhookChannelSettings
-from services.dispatcher.handlers import contact_of
+from services.dispatcher.handlers import send_row
 from services.dispatcher.models import Base
 from services.dispatcher.rendering import Renderer
 from services.dispatcher.scheduler import Scheduler
@@ -97,22 +97,7 @@ async def dispatched(
     await create_tables(engine, Base.metadata, database.schema_name)
     sessions = create_sessionmaker(engine)
     now = datetime.now(UTC)
-    rows = [
-        {
-            "invitation_id": inv.invitation_id,
-            "kind": "invitation",
-            "customer_id": inv.customer.id,
-            "survey_id": inv.survey_id,
-            "channel": inv.channel,
-            "contact": contact_of(inv),
-            "invitation": inv.model_dump(mode="json"),
-            "status": "pending",
-            "send_at": inv.send_at,
-            "attempts": 0,
-            "created_at": now,
-        }
-        for inv in invitations(n)
-    ]
+    rows = [send_row(inv, now) for inv in invitations(n)]
     async with unit_of_work(sessions) as session:
         for start in range(0, n, 1000):
             await repository.schedule(session, rows[start : start + 1000])

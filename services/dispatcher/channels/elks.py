@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
@@ -55,7 +55,13 @@ from fastapi.responses import Response
 
 from services.common.webhooks import WebhookRequest, malformed, verify_shared_secret
 from services.dispatcher.channels import OutboundSms, Receipt, SendResult
-from services.dispatcher.channels.http import client, generic_failure, request
+from services.dispatcher.channels.http import (
+    client,
+    generic_failure,
+    json_object,
+    redact_numbers,
+    request,
+)
 from services.dispatcher.config import ElksSettings
 
 log = logging.getLogger(__name__)
@@ -65,12 +71,6 @@ FORM = "application/x-www-form-urlencoded"
 # The username of the HTTP Basic credentials in the callback URLs given to 46elks.
 CALLBACK_USER = "kaiku"
 _URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
-_PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
-
-
-def redact(text: str, limit: int = 200) -> str:
-    """Vendor text without anything that looks like a phone number, shortened."""
-    return _PHONE_LIKE.sub("<number>", " ".join(text.split()))[:limit]
 
 
 def _secret(settings: ElksSettings) -> str | None:
@@ -145,9 +145,9 @@ class ElksSms:
         if isinstance(answer, SendResult):
             return answer
         if not answer.is_success:
-            detail = redact(answer.text) if answer.text.strip() else ""
+            detail = redact_numbers(answer.text) if answer.text.strip() else ""
             return generic_failure(NAME, answer, detail)
-        body = _json(answer)
+        body = json_object(answer)
         sms_id = body.get("id")
         status = body.get("status")
         if status == "failed":
@@ -160,14 +160,6 @@ class ElksSms:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 # -- callbacks: POST /v1/provider-events/46elks ---------------------------------------------------

@@ -8,13 +8,14 @@ everywhere into ``SendResult``: no connection, a timeout, 429 and 5xx are transi
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from services.dispatcher.channels import SendResult
+from services.dispatcher.channels import OutboundEmail, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +69,42 @@ def generic_failure(provider: str, response: httpx.Response, detail: str = "") -
     if status in (408, 425, 429) or status >= 500:
         return SendResult("transient", reason=what, retry_after=retry_after(response))
     return SendResult("permanent", reason=what)
+
+
+def json_body(response: httpx.Response) -> Any:
+    """The answer's JSON, or None when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """The answer's JSON object, or an empty one."""
+    body = json_body(response)
+    return body if isinstance(body, dict) else {}
+
+
+# Vendors repeat the recipient in their messages; a reason is logged, so it must not.
+_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+")
+_PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
+
+
+def redact_addresses(text: str, limit: int = 300) -> str:
+    """``text`` without email addresses, on one line and bounded (email providers)."""
+    return " ".join(_ADDRESS.sub("<address>", text).split())[:limit]
+
+
+def redact_numbers(text: str, limit: int = 200) -> str:
+    """``text`` without anything that looks like a phone number, on one line and bounded (SMS
+    providers; not for email reasons, where it would eat SMTP status codes)."""
+    return _PHONE_LIKE.sub("<number>", " ".join(text.split()))[:limit]
+
+
+def header(message: OutboundEmail, name: str) -> str | None:
+    """A header of the email, by case-insensitive name."""
+    for key, value in message.headers.items():
+        if key.lower() == name.lower():
+            return value
+    found = message.message.get(name)
+    return None if found is None else str(found)

@@ -133,7 +133,6 @@ PASSED_HEADERS = (
 )
 _INVALID_RECIPIENT = re.compile(r"\bto\b.{0,12}\bis not a valid address", re.IGNORECASE)
 _TRY_AGAIN = re.compile(r"try again after (\d{1,6}) seconds", re.IGNORECASE)
-_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+")
 _FOLD = re.compile(r"\r?\n[ \t]*")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 _MAX_REASON = 300
@@ -146,25 +145,12 @@ _PERMANENT: dict[str, tuple[ReceiptStatus, SuppressReason | None]] = {
 }
 
 
-def redact(text: str) -> str:
-    """``text`` without email addresses, on one line and bounded."""
-    return " ".join(_ADDRESS.sub("<address>", text).split())[:_MAX_REASON]
-
-
 def message_id(value: Any) -> str | None:
     """A Mailgun message id as kaiku stores it: without the angle brackets."""
     if not isinstance(value, str):
         return None
     text = value.strip().removeprefix("<").removesuffix(">").strip()
     return text or None
-
-
-def _header(message: OutboundEmail, name: str) -> str | None:
-    for key, value in message.headers.items():
-        if key.lower() == name.lower():
-            return value
-    found = message.message.get(name)
-    return None if found is None else str(found)
 
 
 def form_fields(message: OutboundEmail) -> list[tuple[str, str]]:
@@ -179,31 +165,24 @@ def form_fields(message: OutboundEmail) -> list[tuple[str, str]]:
     if message.html:
         fields.append(("html", message.html))
     for name in PASSED_HEADERS:
-        value = _header(message, name)
+        value = channel_http.header(message, name)
         if value is not None and value.strip():
             fields.append((f"h:{name}", _FOLD.sub(" ", value).strip()))
     fields.append(("v:invitation_id", message.invitation_id))
     return fields
 
 
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def classify(response: httpx.Response) -> SendResult:
     """The outcome of Mailgun's answer (the table in the module docstring)."""
     status = response.status_code
-    body = _json(response)
+    body = channel_http.json_body(response)
     said = body.get("message") if isinstance(body, dict) else body
     # Not JSON: the bare text (401 answers "Forbidden").
     text = said if isinstance(said, str) else "" if body is not None else response.text[:200]
     if status == 200:
         given = body.get("id") if isinstance(body, dict) else None
         return SendResult("sent", provider_message_id=message_id(given))
-    detail = redact(text)
+    detail = channel_http.redact_addresses(text)
     if status == 404 and isinstance(body, dict):
         return SendResult(
             "transient",
@@ -308,7 +287,7 @@ def _reason(data: dict[str, Any]) -> str | None:
         for key in ("code", "description", "message"):
             if _text(status.get(key)) and str(status[key]) not in parts:
                 parts.append(str(status[key]))
-    return redact(f"{data['event']}: {' '.join(parts)}") if parts else None
+    return channel_http.redact_addresses(f"{data['event']}: {' '.join(parts)}") if parts else None
 
 
 def receipt(data: dict[str, Any]) -> Receipt | None:

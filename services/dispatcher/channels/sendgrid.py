@@ -167,7 +167,6 @@ RESERVED_HEADERS = frozenset(
 # The error ``field`` of a refused recipient: the docs' ``personalizations.to``; the indexed
 # form (``personalizations.0.to.0.email``) is not in the docs but matched too.
 _RECIPIENT_FIELD = re.compile(r"^personalizations(?:\.\d+)?\.to(?:\.|$)")
-_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+")
 _FOLD = re.compile(r"\r?\n[ \t]*")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 _MAX_REASON = 300
@@ -182,20 +181,6 @@ _DROP_SUPPRESS: dict[str, SuppressReason] = {
 }
 
 
-def redact(text: str) -> str:
-    """``text`` without email addresses, on one line and bounded."""
-    one_line = " ".join(_ADDRESS.sub("<address>", text).split())
-    return one_line[:_MAX_REASON]
-
-
-def _header(message: OutboundEmail, name: str) -> str | None:
-    for key, value in message.headers.items():
-        if key.lower() == name.lower():
-            return value
-    found = message.message.get(name)
-    return None if found is None else str(found)
-
-
 def mail_body(message: OutboundEmail) -> dict[str, Any]:
     """The Mail Send request of one email."""
     sender_name, sender_address = parseaddr(message.sender)
@@ -207,7 +192,7 @@ def mail_body(message: OutboundEmail) -> dict[str, Any]:
     for name in PASSED_HEADERS:
         if name.lower() in RESERVED_HEADERS:
             continue
-        value = _header(message, name)
+        value = channel_http.header(message, name)
         if value is not None and value.strip():
             headers[name] = _FOLD.sub(" ", value).strip()
     content = [
@@ -249,7 +234,7 @@ def _describe(errors: list[dict[str, Any]]) -> str:
         if isinstance(field, str) and field and field != "null":
             text = f"{field}: {text}"
         parts.append(text)
-    return redact("; ".join(p for p in parts if p))
+    return channel_http.redact_addresses("; ".join(p for p in parts if p))
 
 
 def _rate_limit_reset(response: httpx.Response) -> float | None:
@@ -399,7 +384,9 @@ def receipt(event: dict[str, Any]) -> Receipt | None:
         status=status,
         provider_message_id=message_id.split(".", 1)[0] if message_id else None,
         invitation_id=_text(event.get("invitation_id")),
-        reason=redact(f"{event['event']}: {' '.join(reason_parts)}") if reason_parts else None,
+        reason=channel_http.redact_addresses(f"{event['event']}: {' '.join(reason_parts)}")
+        if reason_parts
+        else None,
         suppress=suppress,
         occurred_at=_occurred(event.get("timestamp")),
     )

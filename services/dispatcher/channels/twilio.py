@@ -59,7 +59,6 @@ Incoming-message webhooks expect TwiML: ``acknowledge`` answers the documented e
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -82,7 +81,14 @@ from services.dispatcher.channels import (
     SendResult,
     SuppressReason,
 )
-from services.dispatcher.channels.http import client, generic_failure, request, retry_after
+from services.dispatcher.channels.http import (
+    client,
+    generic_failure,
+    json_object,
+    redact_numbers,
+    request,
+    retry_after,
+)
 from services.dispatcher.config import TwilioSettings
 
 log = logging.getLogger(__name__)
@@ -140,13 +146,6 @@ CALLBACK_ERRORS: dict[int, TwilioError] = {
     30008: TwilioError("unknown error"),
     **{code: e for code, e in SEND_ERRORS.items() if e.suppress is not None},
 }
-
-_PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{4,}\d")
-
-
-def redact(text: str, limit: int = 200) -> str:
-    """Vendor text without anything that looks like a phone number, shortened."""
-    return _PHONE_LIKE.sub("<number>", text)[:limit]
 
 
 def _error_code(value: Any) -> int | None:
@@ -218,7 +217,7 @@ class TwilioSms:
         if isinstance(answer, SendResult):
             return answer
         if answer.is_success:  # 201 Created, documented
-            sid = _json(answer).get("sid")
+            sid = json_object(answer).get("sid")
             if not isinstance(sid, str) or not sid:
                 log.warning("twilio answered %s without a message sid", answer.status_code)
                 return SendResult("sent", reason=f"twilio {answer.status_code} without a sid")
@@ -230,17 +229,9 @@ class TwilioSms:
             await self._http.aclose()
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 def classify(response: httpx.Response) -> SendResult:
     """A refused create, by Twilio's error code first and its HTTP status otherwise."""
-    body = _json(response)
+    body = json_object(response)
     code = _error_code(body.get("code"))
     known = SEND_ERRORS.get(code) if code is not None else None
     status = response.status_code
@@ -248,7 +239,7 @@ def classify(response: httpx.Response) -> SendResult:
         message = body.get("message")
         detail = f"error {code}" if code is not None else ""
         if isinstance(message, str) and message:
-            detail = f"{detail}: {redact(message)}" if detail else redact(message)
+            detail = f"{detail}: {redact_numbers(message)}" if detail else redact_numbers(message)
         return generic_failure(NAME, response, detail)
     reason = f"twilio {status} error {code}: {known.what}"
     if known.transient:

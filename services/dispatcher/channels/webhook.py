@@ -97,18 +97,11 @@ def sms_payload(message: OutboundSms) -> dict[str, Any]:
     }
 
 
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
 def classify(response: httpx.Response, invitation_id: str) -> SendResult:
     """The outcome of the receiver's answer (the table in the module docstring)."""
     status = response.status_code
     if 200 <= status < 300:
-        body = _json(response)
+        body = http.json_body(response)
         given = body.get("id") if isinstance(body, dict) else None
         if isinstance(given, int) and not isinstance(given, bool):
             given = str(given)
@@ -118,7 +111,7 @@ def classify(response: httpx.Response, invitation_id: str) -> SendResult:
         return SendResult("permanent", reason=f"{PROVIDER} 410: the receiving endpoint is gone")
     result = http.generic_failure(PROVIDER, response)
     if result.outcome == "permanent":
-        body = _json(response)
+        body = http.json_body(response)
         named = body.get("suppress") if isinstance(body, dict) else None
         suppress = _SUPPRESS.get(named) if isinstance(named, str) else None
         if suppress is not None:
