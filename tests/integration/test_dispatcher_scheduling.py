@@ -31,7 +31,7 @@ surveys:
   - id: support-csat
     metric: csat
     question: {json.dumps(QUESTION)}
-    reminder: {{after: 2s}}
+    reminder: {{after: 8s}}
 triggers:
   - {{id: solved-csat, event: ticket.solved, survey: support-csat}}
 fatigue:
@@ -105,7 +105,7 @@ async def test_reminder_goes_only_to_those_who_neither_answered_nor_opted_out(
         links = {c: survey_link(to(smtp_sink, c)[0]) for c in ("answers", "opts-out")}
 
         # One answers, one unsubscribes with the mail client's one-click POST, before the
-        # reminders are due (2 s after each send).
+        # reminders are due (8 s after each send).
         path = links["answers"].split("kaiku.test", 1)[1]
 
         async def collector_knows(path: str = path) -> bool:
@@ -123,7 +123,7 @@ async def test_reminder_goes_only_to_those_who_neither_answered_nor_opted_out(
         assert r.status_code == 200, r.text
 
         # The silent customer gets the reminder, with the same survey link.
-        await eventually(lambda: len(to(smtp_sink, "silent")) == 2, timeout=20, what="the reminder")
+        await eventually(lambda: len(to(smtp_sink, "silent")) == 2, timeout=40, what="the reminder")
         first, reminder = to(smtp_sink, "silent")
         assert survey_link(reminder) == survey_link(first)
         assert reminder["Message-ID"] != first["Message-ID"]
