@@ -21,6 +21,7 @@ from services.common.events import (
 )
 from services.common.kafka import HandlerResult, Incoming
 from services.dispatcher import repository
+from services.dispatcher.models import Send
 
 
 def contact_of(invitation: InvitationRequested) -> str | None:
@@ -45,6 +46,25 @@ def send_row(inv: InvitationRequested, now: datetime) -> dict[str, Any]:
         "send_at": inv.send_at,
         "attempts": 0,
         "created_at": now,
+    }
+
+
+def provider_optout(
+    channel: str, contact: str, send: Send | None, reason: str, now: datetime
+) -> dict[str, Any]:
+    """An opt-out the dispatcher itself learnt of (a STOP reply, a bounce, a provider refusing
+    the contact point). It is published to ``kaiku.optouts`` unless no send tells whose it is."""
+    return {
+        "channel": channel,
+        "contact": contact,
+        "customer_id": send.customer_id if send else None,
+        "invitation_id": send.invitation_id if send else None,
+        "survey_id": send.survey_id if send else None,
+        "source": "provider",
+        "reason": reason,
+        "optout_id": uuid.uuid4(),
+        "created_at": now,
+        "published_at": None if send else now,
     }
 
 
@@ -107,12 +127,10 @@ class OptOutHandler:
             if s.contact
         }
         rows: list[dict[str, Any]] = []
-        keys: list[tuple[str, str]] = []
         for item in batch:
             o = item.message
             contact = contacts.get((o.invitation_id, o.channel)) if o.invitation_id else None
             key = contact or repository.customer_key(o.customer_id)
-            keys.append((o.channel, key))
             rows.append(
                 {
                     "channel": o.channel,
@@ -127,6 +145,5 @@ class OptOutHandler:
                     "published_at": now,  # it came from the topic: nothing to publish
                 }
             )
-        await repository.add_optouts(session, rows)
-        await repository.cancel_to(session, keys, reason="opted out", now=now)
+        await repository.suppress(session, rows, reason="opted out", now=now)
         return HandlerResult()

@@ -29,6 +29,7 @@ from services.common.http import ApiError, error_responses
 from services.common.webhooks import WebhookError, receive
 from services.dispatcher import repository
 from services.dispatcher.channels import Receipt, ReceiptSource
+from services.dispatcher.handlers import provider_optout
 from services.dispatcher.models import Send
 
 log = logging.getLogger(__name__)
@@ -122,37 +123,13 @@ async def record(
     sends = await _match(session, provider, receipts)
     rows = [_row(provider, r, s, channel, now) for r, s in zip(receipts, sends, strict=True)]
     new = set(await repository.add_receipts(session, rows))
-    optouts: list[dict[str, Any]] = []
-    keys: list[tuple[str, str]] = []
+    optouts = []
     for r, send in zip(receipts, sends, strict=True):
-        if r.event_id[:300] not in new or r.suppress is None:
-            continue
         contact = (send.contact if send else None) or r.contact
-        if contact is None:
-            continue
-        keys.append((send.channel if send else channel, contact))
-        optouts.append(
-            {
-                "channel": send.channel if send else channel,
-                "contact": contact,
-                "customer_id": send.customer_id if send else None,
-                "invitation_id": send.invitation_id if send else None,
-                "survey_id": send.survey_id if send else None,
-                "source": "provider",
-                "reason": r.suppress,
-                "optout_id": uuid.uuid4(),
-                "created_at": now,
-                "published_at": None if send else now,
-            }
-        )
-    if optouts:
-        await repository.add_optouts(session, optouts)
-        await repository.cancel_to(
-            session,
-            keys,
-            reason="opted out through the provider",
-            now=now,
-        )
+        if r.event_id[:300] in new and r.suppress is not None and contact is not None:
+            on = send.channel if send else channel
+            optouts.append(provider_optout(on, contact, send, r.suppress, now))
+    await repository.suppress(session, optouts, reason="opted out through the provider", now=now)
     return len(new)
 
 

@@ -24,6 +24,11 @@ def customer_key(customer_id: str) -> str:
 # -- sends ----------------------------------------------------------------------------------------
 
 
+def cancelled(reason: str, now: datetime) -> dict[str, Any]:
+    """The values of a send cancelled before it started."""
+    return {"status": "cancelled", "reason": f"cancelled: {reason}", "finished_at": now}
+
+
 async def schedule(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
     """Store new sends; one seen before is left as it is (idempotent on invitation and kind)."""
     if not rows:
@@ -49,7 +54,7 @@ async def cancel(
     stmt = (
         update(Send)
         .where(Send.invitation_id.in_(list(ids)), Send.kind.in_(kinds), Send.status == "pending")
-        .values(status="cancelled", reason=f"cancelled: {reason}", finished_at=now)
+        .values(cancelled(reason, now))
         .returning(Send.invitation_id)
     )
     return len((await session.execute(stmt)).all())
@@ -72,7 +77,7 @@ async def cancel_to(
     stmt = (
         update(Send)
         .where(or_(*conditions), Send.status == "pending")
-        .values(status="cancelled", reason=f"cancelled: {reason}", finished_at=now)
+        .values(cancelled(reason, now))
         .returning(Send.invitation_id)
     )
     return len((await session.execute(stmt)).all())
@@ -183,11 +188,6 @@ async def counts(session: AsyncSession) -> dict[str, int]:
     return {status: n for status, n in rows.all()}
 
 
-async def next_due(session: AsyncSession) -> datetime | None:
-    stmt = select(func.min(Send.send_at)).where(Send.status == "pending")
-    return (await session.execute(stmt)).scalar_one_or_none()
-
-
 # -- opt-outs -------------------------------------------------------------------------------------
 
 
@@ -203,6 +203,16 @@ async def add_optouts(session: AsyncSession, rows: list[dict[str, Any]]) -> int:
         .returning(OptOut.contact)
     )
     return len((await session.execute(stmt)).all())
+
+
+async def suppress(
+    session: AsyncSession, rows: list[dict[str, Any]], *, reason: str, now: datetime
+) -> None:
+    """Record opt-outs and cancel the pending sends and reminders to those contact points."""
+    if rows:
+        await add_optouts(session, rows)
+        keys = [(r["channel"], r["contact"]) for r in rows]
+        await cancel_to(session, keys, reason=reason, now=now)
 
 
 async def opted_out(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -38,6 +37,7 @@ from services.common.runtime import Worker
 from services.dispatcher import repository
 from services.dispatcher.channels import OutboundEmail, OutboundSms, Provider, SendResult
 from services.dispatcher.config import DispatcherSettings
+from services.dispatcher.handlers import provider_optout
 from services.dispatcher.models import OptOut, Receipt, Send
 from services.dispatcher.rendering import Renderer
 
@@ -174,11 +174,13 @@ class Scheduler(Worker):
             repository.customer_key(s.customer_id),
         ) in opted:
             HELD.labels(reason="opted_out").inc()
-            return _Verdict(False, _cancelled("opted out before the send", now))
+            return _Verdict(False, repository.cancelled("opted out before the send", now))
         expires = datetime.fromisoformat(invitation["expires_at"])
         if now >= expires:
             HELD.labels(reason="expired").inc()
-            return _Verdict(False, _cancelled("the survey link expired before the send", now))
+            return _Verdict(
+                False, repository.cancelled("the survey link expired before the send", now)
+            )
         zone = invitation.get("timezone") or invitation["customer"].get("timezone")
         at = allowed_from(self.program.fatigue, now, s.channel, zone)
         if at > now:
@@ -248,7 +250,6 @@ class Scheduler(Worker):
         rows: list[dict[str, Any]] = []
         reminders: list[dict[str, Any]] = []
         optouts: list[dict[str, Any]] = []
-        keys: list[tuple[str, str]] = []
         for send, (result, sms) in zip(sends, outcomes, strict=True):
             with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
                 row = self._outcome(send, result, now)
@@ -262,18 +263,14 @@ class Scheduler(Worker):
                     if reminder is not None:
                         reminders.append(reminder)
                 if result.outcome == "permanent" and result.suppress and send.contact:
-                    optouts.append(_optout_row(send, result.suppress, now))
-                    keys.append((send.channel, send.contact))
+                    optouts.append(
+                        provider_optout(send.channel, send.contact, send, result.suppress, now)
+                    )
         await repository.update_sends(session, rows)
         await repository.schedule(session, reminders)
-        if optouts:
-            await repository.add_optouts(session, optouts)
-            await repository.cancel_to(
-                session,
-                keys,
-                reason="the provider refused the contact point",
-                now=now,
-            )
+        await repository.suppress(
+            session, optouts, reason="the provider refused the contact point", now=now
+        )
 
     def _outcome(self, send: Send, result: SendResult, now: datetime) -> dict[str, Any]:
         provider = self.providers[send.channel].name if send.channel in self.providers else "none"
@@ -363,28 +360,6 @@ class Scheduler(Worker):
                 session, [(o.channel, o.contact) for o in optouts], now
             )
         return max(len(sends), len(receipts), len(optouts))
-
-    # Kept for callers of the first version.
-    publish_deliveries = publish_outbox
-
-
-def _cancelled(reason: str, now: datetime) -> dict[str, Any]:
-    return {"status": "cancelled", "reason": f"cancelled: {reason}", "finished_at": now}
-
-
-def _optout_row(send: Send, reason: str, now: datetime) -> dict[str, Any]:
-    return {
-        "channel": send.channel,
-        "contact": send.contact,
-        "customer_id": send.customer_id,
-        "invitation_id": send.invitation_id,
-        "survey_id": send.survey_id,
-        "source": "provider",
-        "reason": reason,
-        "optout_id": uuid.uuid4(),
-        "created_at": now,
-        "published_at": None,
-    }
 
 
 def _channel(value: str) -> events.SurveyChannel:
