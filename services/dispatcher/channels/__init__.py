@@ -15,6 +15,7 @@ classifies the outcome as its documentation describes it:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -80,6 +81,19 @@ class Provider(Protocol[M_contra]):
     async def send(self, message: M_contra) -> SendResult: ...
 
     async def aclose(self) -> None: ...
+
+
+def log_outcome(
+    logger: logging.Logger, provider: str, invitation_id: str, result: SendResult
+) -> None:
+    """One line per send at the provider: debug when accepted, info otherwise (the reason is
+    already free of addresses and numbers)."""
+    if result.outcome == "sent":
+        logger.debug("%s: invitation %s accepted", provider, invitation_id)
+    else:
+        logger.info(
+            "%s: invitation %s %s: %s", provider, invitation_id, result.outcome, result.reason
+        )
 
 
 EmailProvider = Provider[OutboundEmail]

@@ -56,7 +56,7 @@ from fastapi.responses import Response
 from services.common.webhooks import WebhookRequest, malformed, verify_shared_secret
 from services.dispatcher.channels import OutboundSms, Receipt, SendResult
 from services.dispatcher.channels.http import (
-    client,
+    HttpProvider,
     generic_failure,
     json_object,
     redact_numbers,
@@ -94,7 +94,7 @@ def callback_url(url: str, secret: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{CALLBACK_USER}:{secret}@{netloc}"))
 
 
-class ElksSms:
+class ElksSms(HttpProvider):
     """Sends one SMS per call through ``POST /a1/sms``."""
 
     name = NAME
@@ -128,8 +128,7 @@ class ElksSms:
         )
         self._auth = httpx.BasicAuth(settings.username, settings.password.get_secret_value())
         self._url = f"{settings.base_url.rstrip('/')}/a1/sms"
-        self._owns_http = http is None
-        self._http = http or client(settings.base_url, settings.timeout_seconds)
+        super().__init__(http, settings.timeout_seconds)
 
     def form(self, message: OutboundSms) -> dict[str, str]:
         """The send parameters, as 46elks documents them."""
@@ -156,10 +155,6 @@ class ElksSms:
             log.warning("46elks answered %s without an SMS id", answer.status_code)
             return SendResult("sent", reason=f"46elks {answer.status_code} without an id")
         return SendResult("sent", provider_message_id=sms_id)
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
 
 
 # -- callbacks: POST /v1/provider-events/46elks ---------------------------------------------------

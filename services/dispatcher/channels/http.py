@@ -108,3 +108,16 @@ def header(message: OutboundEmail, name: str) -> str | None:
             return value
     found = message.message.get(name)
     return None if found is None else str(found)
+
+
+class HttpProvider:
+    """The HTTP client of a provider: made here (and closed by ``aclose``) unless one is handed
+    in, which then belongs to the caller."""
+
+    def __init__(self, http: httpx.AsyncClient | None, timeout: float) -> None:
+        self._owns_http = http is None
+        self._http = http or client("", timeout)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()

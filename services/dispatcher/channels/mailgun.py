@@ -115,6 +115,7 @@ from services.dispatcher.channels import (
     ReceiptStatus,
     SendResult,
     SuppressReason,
+    log_outcome,
 )
 from services.dispatcher.channels import http as channel_http
 from services.dispatcher.config import MailgunSettings
@@ -199,7 +200,7 @@ def classify(response: httpx.Response) -> SendResult:
     return result
 
 
-class MailgunEmail:
+class MailgunEmail(channel_http.HttpProvider):
     """Sends through Mailgun's Messages API."""
 
     name = PROVIDER
@@ -213,9 +214,7 @@ class MailgunEmail:
         domain = quote(settings.domain.strip(), safe="")
         self._url = f"{settings.base_url.rstrip('/')}/v3/{domain}/messages"
         self._auth = httpx.BasicAuth("api", settings.api_key.get_secret_value().strip())
-        # A client handed in belongs to the caller, who closes it.
-        self._owned = http is None
-        self._http = http or channel_http.client("", settings.timeout_seconds)
+        super().__init__(http, settings.timeout_seconds)
 
     async def send(self, message: OutboundEmail) -> SendResult:
         # (name, (None, value)): multipart/form-data fields without a file name.
@@ -230,20 +229,8 @@ class MailgunEmail:
             headers={"Accept": "application/json"},
         )
         result = answer if isinstance(answer, SendResult) else classify(answer)
-        if result.outcome == "sent":
-            log.debug("mailgun: invitation %s accepted", message.invitation_id)
-        else:
-            log.info(
-                "mailgun: invitation %s %s: %s",
-                message.invitation_id,
-                result.outcome,
-                result.reason,
-            )
+        log_outcome(log, PROVIDER, message.invitation_id, result)
         return result
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._http.aclose()
 
 
 def _text(value: Any) -> str | None:

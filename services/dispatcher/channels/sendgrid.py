@@ -128,6 +128,7 @@ from services.dispatcher.channels import (
     ReceiptStatus,
     SendResult,
     SuppressReason,
+    log_outcome,
 )
 from services.dispatcher.channels import http as channel_http
 from services.dispatcher.config import SendGridSettings
@@ -265,7 +266,7 @@ def classify(response: httpx.Response) -> SendResult:
     return result
 
 
-class SendGridEmail:
+class SendGridEmail(channel_http.HttpProvider):
     """Sends through SendGrid's v3 Mail Send."""
 
     name = PROVIDER
@@ -279,9 +280,7 @@ class SendGridEmail:
             "Authorization": f"Bearer {settings.api_key.get_secret_value().strip()}",
             "Accept": "application/json",
         }
-        # A client handed in belongs to the caller, who closes it.
-        self._owned = http is None
-        self._http = http or channel_http.client("", settings.timeout_seconds)
+        super().__init__(http, settings.timeout_seconds)
 
     async def send(self, message: OutboundEmail) -> SendResult:
         answer = await channel_http.request(
@@ -293,20 +292,8 @@ class SendGridEmail:
             headers=self._headers,
         )
         result = answer if isinstance(answer, SendResult) else classify(answer)
-        if result.outcome == "sent":
-            log.debug("sendgrid: invitation %s accepted", message.invitation_id)
-        else:
-            log.info(
-                "sendgrid: invitation %s %s: %s",
-                message.invitation_id,
-                result.outcome,
-                result.reason,
-            )
+        log_outcome(log, PROVIDER, message.invitation_id, result)
         return result
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._http.aclose()
 
 
 def load_public_key(value: str) -> ec.EllipticCurvePublicKey:

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import aiosmtplib
 
-from services.dispatcher.channels import OutboundEmail, SendResult, SuppressReason
+from services.dispatcher.channels import OutboundEmail, SendResult, SuppressReason, log_outcome
 from services.dispatcher.config import SmtpSettings
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,7 @@ class SmtpEmail:
 
     async def send(self, message: OutboundEmail) -> SendResult:
         result = await self._send(message)
-        if result.outcome == "sent":
-            log.debug("smtp: invitation %s accepted", message.invitation_id)
-        else:
-            log.info(
-                "smtp: invitation %s %s: %s", message.invitation_id, result.outcome, result.reason
-            )
+        log_outcome(log, self.name, message.invitation_id, result)
         return result
 
     async def _send(self, message: OutboundEmail) -> SendResult:

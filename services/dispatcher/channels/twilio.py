@@ -82,7 +82,7 @@ from services.dispatcher.channels import (
     SuppressReason,
 )
 from services.dispatcher.channels.http import (
-    client,
+    HttpProvider,
     generic_failure,
     json_object,
     redact_numbers,
@@ -158,7 +158,7 @@ def _error_code(value: Any) -> int | None:
     return None
 
 
-class TwilioSms:
+class TwilioSms(HttpProvider):
     """Sends one SMS per call through the Messages resource."""
 
     name = NAME
@@ -188,8 +188,7 @@ class TwilioSms:
             f"{settings.base_url.rstrip('/')}/2010-04-01/Accounts/"
             f"{quote(settings.account_sid, safe='')}/Messages.json"
         )
-        self._owns_http = http is None
-        self._http = http or client(settings.base_url, settings.timeout_seconds)
+        super().__init__(http, settings.timeout_seconds)
 
     def form(self, message: OutboundSms) -> dict[str, str]:
         """The create-message parameters, as Twilio documents them."""
@@ -223,10 +222,6 @@ class TwilioSms:
                 return SendResult("sent", reason=f"twilio {answer.status_code} without a sid")
             return SendResult("sent", provider_message_id=sid)
         return classify(answer)
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
 
 
 def classify(response: httpx.Response) -> SendResult:

@@ -59,6 +59,7 @@ from services.dispatcher.channels import (
     SendResult,
     SuppressReason,
     http,
+    log_outcome,
 )
 from services.dispatcher.config import WebhookChannelSettings
 
@@ -123,7 +124,7 @@ def classify(response: httpx.Response, invitation_id: str) -> SendResult:
     return result
 
 
-class WebhookChannel:
+class WebhookChannel(http.HttpProvider):
     """Posts emails and SMS alike: it is a ``Provider[OutboundEmail]`` and a
     ``Provider[OutboundSms]``."""
 
@@ -149,7 +150,7 @@ class WebhookChannel:
         self.settings = settings
         self._url = settings.url
         self._secret = secret
-        self._http = http.client("", settings.timeout_seconds)
+        super().__init__(None, settings.timeout_seconds)
 
     async def send(self, message: OutboundEmail | OutboundSms) -> SendResult:
         if isinstance(message, OutboundEmail):
@@ -165,16 +166,5 @@ class WebhookChannel:
             result = answer
         else:
             result = classify(answer, message.invitation_id)
-        if result.outcome == "sent":
-            log.debug("webhook: invitation %s accepted", message.invitation_id)
-        else:
-            log.info(
-                "webhook: invitation %s %s: %s",
-                message.invitation_id,
-                result.outcome,
-                result.reason,
-            )
+        log_outcome(log, PROVIDER, message.invitation_id, result)
         return result
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
