@@ -7,9 +7,11 @@ import email
 import email.policy
 import re
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any, TypeVar
 
@@ -20,6 +22,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.events import Customer, InvitationRequested, Metric
 from services.common.program import Program
 from services.common.settings import CommonSettings
 from services.embedded import EmbeddedApp, free_port
@@ -109,6 +112,39 @@ async def running(*apps: FastAPI) -> AsyncIterator[None]:
 
 def client(app: Any, base_url: str = "http://kaiku.test") -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
+
+
+def email_invitation(
+    customer: str,
+    *,
+    survey_id: str = "relationship-nps",
+    trigger_id: str = "order-delivered-nps",
+    metric: Metric = "nps",
+    event_type: str = "order.delivered",
+    locale: str = "fi",
+    timezone: str | None = "Europe/Helsinki",
+    send_at: datetime | None = None,
+    expires_in: timedelta = timedelta(days=14),
+) -> InvitationRequested:
+    """An invitation as the trigger publishes it, due now, to ``<customer>@example.com``."""
+    at = send_at or datetime.now(UTC)
+    return InvitationRequested(
+        invitation_id=uuid.uuid4(),
+        token=uuid.uuid4().hex[:24],
+        survey_id=survey_id,
+        trigger_id=trigger_id,
+        metric=metric,
+        event_id=f"event-{customer}",
+        event_source="test",
+        event_type=event_type,
+        customer=Customer(id=customer, email=f"{customer}@example.com"),
+        channel="email",
+        locale=locale,
+        send_at=at,
+        expires_at=at + expires_in,
+        requested_at=at,
+        timezone=timezone,
+    )
 
 
 def smtp_stack(

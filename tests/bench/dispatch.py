@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
-from services.common.events import Customer, InvitationRequested
+from services.common.events import InvitationRequested
 from services.common.program import Program
 from services.dispatcher import repository
 from services.dispatcher.channels import OutboundEmail, Provider, SendResult
@@ -27,7 +27,7 @@ from services.dispatcher.handlers import send_row
 from services.dispatcher.models import Base
 from services.dispatcher.rendering import Renderer
 from services.dispatcher.scheduler import Scheduler
-from tests.support import SmtpSink
+from tests.support import SmtpSink, email_invitation
 from tests.vendor_api import LocalApi
 
 PUBLIC_URL = "https://surveys.example.com"
@@ -35,27 +35,8 @@ SETTINGS = DispatcherSettings(claim_batch=100, send_concurrency=20, poll_seconds
 
 
 def invitations(n: int) -> list[InvitationRequested]:
-    now = datetime.now(UTC) - timedelta(seconds=1)
-    return [
-        InvitationRequested(
-            invitation_id=uuid.uuid4(),
-            token=uuid.uuid4().hex[:24],
-            survey_id="relationship-nps",
-            trigger_id="order-delivered-nps",
-            metric="nps",
-            event_id=f"bench-{i}",
-            event_source="bench",
-            event_type="order.delivered",
-            customer=Customer(id=f"c-{i}", email=f"c-{i}@example.com"),
-            channel="email",
-            locale="fi",
-            send_at=now,
-            expires_at=now + timedelta(days=14),
-            requested_at=now,
-            timezone="Europe/Helsinki",
-        )
-        for i in range(n)
-    ]
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    return [email_invitation(f"c-{i}", send_at=due) for i in range(n)]
 
 
 def rendered(program: Program, items: list[InvitationRequested]) -> list[OutboundEmail]:

@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -23,11 +21,11 @@ from sqlalchemy import func, select
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_engine, create_sessionmaker
-from services.common.events import Customer, InvitationRequested
+from services.common.events import InvitationRequested
 from services.common.kafka import ensure_topics
 from services.dispatcher.models import Send
 from tests.conftest import ROOT
-from tests.support import SmtpSink, eventually, free_port
+from tests.support import SmtpSink, email_invitation, eventually, free_port
 
 INVITATIONS = 1200
 
@@ -86,25 +84,7 @@ def replica(
 
 
 def invitation(n: int) -> InvitationRequested:
-    now = datetime.now(UTC)
-    customer = f"cust-{n:05d}"
-    return InvitationRequested(
-        invitation_id=uuid.uuid4(),
-        token=uuid.uuid4().hex[:24],
-        survey_id="relationship-nps",
-        trigger_id="order-delivered-nps",
-        metric="nps",
-        event_id=f"event-{n}",
-        event_source="test",
-        event_type="order.delivered",
-        customer=Customer(id=customer, email=f"{customer}@example.com"),
-        channel="email",
-        locale="fi",
-        send_at=now,
-        expires_at=now + timedelta(days=14),
-        requested_at=now,
-        timezone="Europe/Helsinki",
-    )
+    return email_invitation(f"cust-{n:05d}")
 
 
 async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silently(

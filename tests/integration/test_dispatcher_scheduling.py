@@ -15,11 +15,18 @@ from sqlalchemy import select
 
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
-from services.common.events import Customer, InvitationRequested
 from services.common.program import Program, parse_program
 from services.dispatcher.models import Send
 from services.embedded import EmbeddedApp
-from tests.support import SmtpSink, client, eventually, running, smtp_stack, survey_link
+from tests.support import (
+    SmtpSink,
+    client,
+    email_invitation,
+    eventually,
+    running,
+    smtp_stack,
+    survey_link,
+)
 
 TOKEN = "sched-" + uuid.uuid4().hex
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -162,22 +169,16 @@ async def test_a_send_due_in_quiet_hours_waits_for_the_morning(
         await producer.start()
         try:
             for customer, zone in (("sleeper", night), ("worker", day)):
-                invitation = InvitationRequested(
-                    invitation_id=uuid.uuid4(),
-                    token=uuid.uuid4().hex[:24],
+                invitation = email_invitation(
+                    customer,
                     survey_id="support-csat",
                     trigger_id="solved-csat",
                     metric="csat",
-                    event_id=f"e-{customer}",
-                    event_source="test",
                     event_type="ticket.solved",
-                    customer=Customer(id=customer, email=f"{customer}@example.com"),
-                    channel="email",
                     locale="en",
-                    send_at=now,
-                    expires_at=now + timedelta(days=7),
-                    requested_at=now,
                     timezone=zone,
+                    send_at=now,
+                    expires_in=timedelta(days=7),
                 )
                 await producer.send_and_wait(
                     kafka.topic(events.INVITATIONS),
