@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -31,10 +32,15 @@ INVITATIONS = 1200
 
 
 class SlowSink(SmtpSink):
-    """An SMTP server that takes a few milliseconds per message, like a real one."""
+    """An SMTP server that takes a few milliseconds per message, like a real one, and can be
+    held: while ``held`` is set, messages wait at DATA (sends stay in flight)."""
+
+    held = threading.Event()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         await asyncio.sleep(0.02)
+        while self.held.is_set():
+            await asyncio.sleep(0.02)
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -130,9 +136,14 @@ async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silen
                 ).scalar_one()
             return n > 0
 
-        await eventually(a_mid_batch, timeout=60, what="replica a to be in the middle of a batch")
-        a.send_signal(signal.SIGKILL)
-        a.wait(10)
+        # Hold the sink so the sends in flight stay in flight, until replica a has some.
+        sink.held.set()
+        try:
+            await eventually(a_mid_batch, timeout=60, what="replica a to be in mid-batch")
+            a.send_signal(signal.SIGKILL)
+            a.wait(10)
+        finally:
+            sink.held.clear()
         # What the killed replica had in flight: claimed (committed as ``sending``), no outcome.
         async with sessions() as s:
             in_flight = (
