@@ -115,10 +115,19 @@ async def unit_of_work(sessions: async_sessionmaker[AsyncSession]) -> AsyncItera
         yield session
 
 
+# Held while tables are created, so replicas starting together on an empty database do not race
+# (both would see a table missing and one would fail with "already exists").
+CREATE_TABLES_LOCK = 0x6B61696B75  # "kaiku"
+
+
 async def create_tables(engine: AsyncEngine, meta: MetaData, schema: str | None) -> None:
     async with engine.begin() as conn:
-        if schema and engine.dialect.name == "postgresql":
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        if engine.dialect.name == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": CREATE_TABLES_LOCK}
+            )
+            if schema:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         await conn.run_sync(meta.create_all)
 
 
