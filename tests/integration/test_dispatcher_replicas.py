@@ -121,6 +121,13 @@ async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silen
         a = replica("replica-a", kafka, postgres, sink, log)
         b = replica("replica-b", kafka, postgres, sink, log)
         procs += [a, b]
+        # A replica's scheduler starts once its consumers joined their groups; under load the
+        # second replica's joins (three groups, each a rebalance) can take a while.
+        await eventually(
+            lambda: log.read_text().count("dispatcher started") >= 2,
+            timeout=120,
+            what="both replicas to start",
+        )
         await eventually(
             lambda: sink.count() >= INVITATIONS // 4, timeout=90, what="a quarter of the emails"
         )
@@ -139,7 +146,21 @@ async def test_two_replicas_one_killed_mid_batch_never_send_twice_nor_lose_silen
         # Hold the sink so the sends in flight stay in flight, until replica a has some.
         sink.held.set()
         try:
-            await eventually(a_mid_batch, timeout=60, what="replica a to be in mid-batch")
+            try:
+                await eventually(a_mid_batch, timeout=60, what="replica a to be in mid-batch")
+            except AssertionError:
+                async with sessions() as s:
+                    seen = (
+                        await s.execute(
+                            select(Send.claimed_by, Send.status, func.count()).group_by(
+                                Send.claimed_by, Send.status
+                            )
+                        )
+                    ).all()
+                raise AssertionError(
+                    f"replica a never in mid-batch; alive: {a.poll() is None}, sends: {seen}, "
+                    f"log: {log.read_text()[-3000:]}"
+                ) from None
             a.send_signal(signal.SIGKILL)
             a.wait(10)
         finally:
