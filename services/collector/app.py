@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.collector import api
+from services.collector import api, links
+from services.collector.bots import reporting_zone
 from services.collector.config import CollectorSettings
-from services.collector.handlers import InvitationHandler
+from services.collector.handlers import DeliveryHandler, InvitationHandler
 from services.collector.models import Base
 from services.collector.outbox import ResponseRelay
 from services.collector.pages import Pages
 from services.common import events
-from services.common.events import INVITATION_MESSAGE
+from services.common.events import INVITATION_MESSAGE, DeliveryRecorded
 from services.common.http import bearer_auth
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
@@ -38,18 +39,32 @@ def create_app(
         json_decoder(INVITATION_MESSAGE),
         InvitationHandler(),
     )
+    runtime.consume(
+        "collector-deliveries",
+        events.DELIVERIES,
+        json_decoder(DeliveryRecorded),
+        DeliveryHandler(reporting_zone(collector, program)),
+        group="deliveries",
+    )
     runtime.add_worker("response-relay", relay.run, relay.stop)
 
     app = service_app("kaiku collector", runtime)
     app.include_router(
-        api.router(
+        links.router(
             program=program,
             links=LinkKeys.parse(settings.links.link_keys),
             pages=Pages(collector.template_dir),
             sessions=runtime.sessions,
+            settings=collector,
+            on_change=relay.wake,
+        )
+    )
+    app.include_router(
+        api.router(
+            program=program,
+            sessions=runtime.sessions,
             auth=bearer_auth(settings.http.api_token),
             min_n=collector.min_n,
-            on_answer=relay.wake,
         )
     )
     return app

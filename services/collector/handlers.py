@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector import repository
-from services.common.events import InvitationCancelled, InvitationRequested, utcnow
+from services.common.events import (
+    DeliveryRecorded,
+    InvitationCancelled,
+    InvitationRequested,
+    utcnow,
+)
 from services.common.kafka import HandlerResult, Incoming
 
 
@@ -44,4 +51,25 @@ class InvitationHandler:
             }
         await repository.store_invitations(session, list(rows.values()))
         await repository.cancel_invitations(session, cancelled, now)
+        return HandlerResult()
+
+
+@dataclass
+class DeliveryHandler:
+    """Counts each invitation once, at its first "sent" or "delivered" report (reminders and
+    failures are not deliveries): the denominator of the response rate, per day and segment."""
+
+    zone: ZoneInfo
+
+    async def __call__(
+        self, batch: list[Incoming[DeliveryRecorded]], session: AsyncSession
+    ) -> HandlerResult:
+        first: dict[uuid.UUID, tuple[datetime, date]] = {}
+        for item in batch:
+            d = item.message
+            if d.kind != "invitation" or d.status not in ("sent", "delivered"):
+                continue
+            if d.invitation_id not in first or d.occurred_at < first[d.invitation_id][0]:
+                first[d.invitation_id] = (d.occurred_at, d.occurred_at.astimezone(self.zone).date())
+        await repository.mark_delivered(session, first)
         return HandlerResult()

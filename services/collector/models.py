@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import Boolean, Index, Integer, SmallInteger, String, Text, Uuid
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    Uuid,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.db import UtcDateTime, metadata
@@ -35,13 +45,20 @@ class Invitation(Segments, Base):
     token: Mapped[str] = mapped_column(String(32), unique=True)
     survey_id: Mapped[str] = mapped_column(String(100))
     metric: Mapped[str] = mapped_column(String(8))
-    customer_id: Mapped[str] = mapped_column(String(200), index=True)
+    # None once the customer has been erased.
+    customer_id: Mapped[str | None] = mapped_column(String(200), index=True)
     locale: Mapped[str] = mapped_column(String(8))
     survey_channel: Mapped[str] = mapped_column(String(10))
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # Set when the trigger cancelled the invitation (its case reopened, a newer one replaced it).
     cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # When the invitation (not a reminder) was first reported sent or delivered on kaiku.deliveries.
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The last request to the hidden trap link in the email or the page (only scanners follow it).
+    trap_hit_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Set when the customer was erased: the link then answers "not found".
+    erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class OptOut(Base):
@@ -62,21 +79,104 @@ class OptOut(Base):
 
 class Response(Segments, Base):
     """One answer per invitation; a changed answer updates it (the last one counts).
-    ``published_at`` is the outbox marker for ``kaiku.responses``."""
+    ``published_at`` is the outbox marker for ``kaiku.responses``.
+
+    ``day`` is the date of ``submitted_at`` in the reporting time zone: scores are grouped by
+    it, and ``collector_score_cells`` counts the answers per day and segment.
+    """
 
     __tablename__ = "collector_responses"
-    __table_args__ = (Index(None, "survey_id", "submitted_at"),)
+    __table_args__ = (
+        Index("ix_collector_responses_survey_submitted", "survey_id", "submitted_at"),
+        Index("ix_collector_responses_survey_alerted", "survey_id", "alerted_at"),
+    )
 
     response_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
     survey_id: Mapped[str] = mapped_column(String(100))
     metric: Mapped[str] = mapped_column(String(8))
-    customer_id: Mapped[str] = mapped_column(String(200), index=True)
+    # None once the customer has been erased (the score stays, without identity).
+    customer_id: Mapped[str | None] = mapped_column(String(200), index=True)
     score: Mapped[int | None] = mapped_column(SmallInteger)
     comment: Mapped[str | None] = mapped_column(Text)
     locale: Mapped[str] = mapped_column(String(8))
     revision: Mapped[int] = mapped_column(Integer, default=1)
     suspected_bot: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Why the answer looks automated: too_fast, burst or trap (None for a person's answer).
+    bot_reason: Mapped[str | None] = mapped_column(String(20))
+    day: Mapped[date] = mapped_column(Date)
     first_submitted_at: Mapped[datetime] = mapped_column(UtcDateTime())
     submitted_at: Mapped[datetime] = mapped_column(UtcDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Close the loop: an alert rule matched (``alerted_at``, the rules in ``alert_rules``), and
+    # the follow-up's status: open, contacted or resolved, with a note.
+    alerted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    alert_rules: Mapped[str | None] = mapped_column(String(500))
+    followup_status: Mapped[str | None] = mapped_column(String(12))
+    followup_note: Mapped[str | None] = mapped_column(Text)
+    contacted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    resolved_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    followup_updated_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class Hit(Base):
+    """A request to a survey link that recorded nothing (a GET of the page, a score button, the
+    trap link) or a POSTed score: what bot detection looks at. No IP address, no user agent."""
+
+    __tablename__ = "collector_hits"
+    __table_args__ = (Index(None, "invitation_id", "at"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    # open (the page), score_link (a score button: GET with ?score=N), trap, post
+    kind: Mapped[str] = mapped_column(String(12))
+    score: Mapped[int | None] = mapped_column(SmallInteger)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class CellKey:
+    """The key of a pre-aggregated count: survey, day (reporting time zone) and the segments,
+    with "" for a segment the event did not carry (so the key can be a primary key)."""
+
+    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    touchpoint: Mapped[str] = mapped_column(String(200), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(200), primary_key=True)
+    team: Mapped[str] = mapped_column(String(200), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(200), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class ScoreCell(CellKey, Base):
+    """How many answers (the last revision of each) have this score on this day in this
+    segment; ``score`` is -1 for an answer without one. Kept in the same transaction as the
+    answer, so ``/v1/scores`` sums cells instead of scanning every answer."""
+
+    __tablename__ = "collector_score_cells"
+
+    score: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    suspected_bot: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+
+
+class DeliveryCell(CellKey, Base):
+    """How many invitations were delivered (first reported sent or delivered) on this day in
+    this segment: the denominator of the response rate."""
+
+    __tablename__ = "collector_delivery_cells"
+
+    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+
+
+class EarlyDelivery(Base):
+    """A delivery report for an invitation the collector has not stored yet (the two arrive on
+    different topics); applied when the invitation arrives."""
+
+    __tablename__ = "collector_early_deliveries"
+
+    invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    delivered_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    day: Mapped[date] = mapped_column(Date)

@@ -30,7 +30,7 @@ def response_message(r: Response) -> Outgoing:
         response_id=r.response_id,
         invitation_id=r.invitation_id,
         survey_id=r.survey_id,
-        customer_id=r.customer_id,
+        customer_id=r.customer_id or str(r.invitation_id),  # never erased: see the query
         metric=r.metric,
         score=r.score,
         comment=r.comment,
@@ -46,7 +46,7 @@ def response_message(r: Response) -> Outgoing:
             account_id=r.account_id,
         ),
     )
-    return Outgoing(events.RESPONSES, r.customer_id, message)
+    return Outgoing(events.RESPONSES, message.customer_id, message)
 
 
 def optout_message(o: OptOut) -> Outgoing:

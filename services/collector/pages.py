@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from services.common.program import Survey
 
 SUPPORTED: tuple[str, ...] = ("fi", "sv", "en")
-KINDS: tuple[str, ...] = ("not_found", "expired", "invalid")
+KINDS: tuple[str, ...] = ("not_found", "expired", "tampered", "invalid")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 STRINGS_FILE = "strings.yaml"
 
@@ -221,7 +221,7 @@ class Pages:
         )
 
     def message(self, *, locale: str, kind: str) -> str:
-        """A notice: ``kind`` is "not_found", "expired" or "invalid"."""
+        """A notice: ``kind`` is "not_found", "expired", "tampered" or "invalid"."""
         if kind not in KINDS:
             raise ValueError(f"unknown page kind {kind!r} (one of: {', '.join(KINDS)})")
         locale = pick_locale(locale, "en")

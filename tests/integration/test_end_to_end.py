@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from services.common import events
-from services.common.config import DatabaseSettings, KafkaSettings
+from services.common.config import DatabaseSettings, KafkaSettings, LinkSettings
 from services.common.program import Program
+from services.common.tokens import LinkKeys
 from services.embedded import EmbeddedApp
 from tests.conftest import read_topic
 from tests.support import SmtpSink, client, eventually, html_part, running, smtp_stack, survey_link
@@ -159,12 +160,21 @@ async def test_unsubscribe_by_page_and_one_click_and_bad_links(
             "one_click",
         )
 
-        # Tampered and unknown links get a clear page, never a server error.
+        # Damaged or forged links get a clear page (400), unknown ones 404; never a server error.
         tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
-        for bad in (f"/s/{tampered}", f"/u/{tampered}", "/s/not-a-token", f"/s/{token}x"):
-            r = await http.get(bad)
-            assert r.status_code == 404, bad
-            assert "text/html" in r.headers["content-type"]
-        assert (await http.post(f"/s/{tampered}", data={"score": "9"})).status_code == 404
+        unknown = LinkKeys.parse(LinkSettings().link_keys).issue()  # signed, never sent
+        for bad, status, text in (
+            (f"/s/{tampered}", 400, "This link is damaged"),
+            (f"/u/{tampered}", 400, "This link is damaged"),
+            ("/s/not-a-token", 400, "This link is damaged"),
+            (f"/s/{token}x", 400, "This link is damaged"),
+            (f"/s/{unknown}", 404, "We could not find this survey"),
+        ):
+            r = await http.get(bad, headers={"Accept-Language": "en"})
+            assert (r.status_code, "text/html" in r.headers["content-type"]) == (status, True), bad
+            assert text in r.text, bad
+        finnish = await http.get(f"/s/{tampered}", headers={"Accept-Language": "fi-FI,fi;q=0.9"})
+        assert "Linkki on vaurioitunut" in finnish.text
+        assert (await http.post(f"/s/{tampered}", data={"score": "9"})).status_code == 400
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
         assert scores.json()["n"] == 0

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.collector.app import create_app as collector_app
+from services.collector.config import CollectorSettings
 from services.common import events
 from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
 from services.common.program import Program
@@ -399,7 +400,7 @@ def stack(
             DispatcherSettings(email_provider="file", outbox_dir=outbox, poll_seconds=0.1),
             program=program,
         ),
-        collector_app(settings, program=program),
+        collector_app(settings, CollectorSettings(bot_min_seconds=0), program=program),
     )
 
 
