@@ -185,7 +185,5 @@ def smtp_stack(
             email=smtp,
             sms=sms,
         ),
-        collector_app(
-            settings, collector or CollectorSettings(bot_min_seconds=0), program=program
-        ),
+        collector_app(settings, collector or CollectorSettings(bot_min_seconds=0), program=program),
     )
