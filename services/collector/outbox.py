@@ -1,5 +1,5 @@
-"""Publishes stored answers to ``kaiku.responses`` and opt-outs to ``kaiku.optouts`` (the outbox
-relay).
+"""Publishes stored answers to ``kaiku.responses``, and opt-outs and erasures to ``kaiku.optouts``
+(the outbox relay).
 
 The survey page commits the answer and wakes this relay; the relay publishes every answer whose
 ``published_at`` is empty and then marks it, so an answer stored while the broker was away goes out
@@ -9,16 +9,22 @@ when it is back, and nothing is lost between the database and Kafka.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository
-from services.collector.models import OptOut, Response
+from services.collector.models import Erasure, OptOut, Response
 from services.common import events
 from services.common.db import unit_of_work
-from services.common.events import OptOutRecorded, ResponseSubmitted, SurveyContext, utcnow
+from services.common.events import (
+    CustomerErased,
+    OptOutRecorded,
+    ResponseSubmitted,
+    SurveyContext,
+    utcnow,
+)
 from services.common.kafka import Outgoing, Producer, is_transient
 from services.common.runtime import Worker
 
@@ -49,17 +55,29 @@ def response_message(r: Response) -> Outgoing:
     return Outgoing(events.RESPONSES, message.customer_id, message)
 
 
-def optout_message(o: OptOut) -> Outgoing:
+def optout_message(o: OptOut, erased: Mapping[str, str] | None = None) -> Outgoing:
+    """``erased``: customer hashes → ids of erasures not yet published. An opt-out recorded
+    before its customer's erasure and published with it goes out under the customer id, on
+    the customer's partition ahead of the ``CustomerErased`` event."""
+    customer_id = (erased or {}).get(o.customer_id, o.customer_id)
     message = OptOutRecorded(
         optout_id=o.optout_id,
-        customer_id=o.customer_id,
+        customer_id=customer_id,
         channel="sms" if o.channel == "sms" else "email",
         invitation_id=o.invitation_id,
         survey_id=o.survey_id,
         source="one_click" if o.source == "one_click" else "unsubscribe_page",
         occurred_at=o.created_at,
     )
-    return Outgoing(events.OPTOUTS, o.customer_id, message)
+    return Outgoing(events.OPTOUTS, customer_id, message)
+
+
+def erasure_message(e: Erasure) -> Outgoing:
+    assert e.customer_id is not None  # kept until published
+    message = CustomerErased(
+        erasure_id=e.erasure_id, customer_id=e.customer_id, requested_at=e.requested_at
+    )
+    return Outgoing(events.OPTOUTS, e.customer_id, message)
 
 
 class ResponseRelay(Worker):
@@ -93,10 +111,16 @@ class ResponseRelay(Worker):
         async with unit_of_work(self.sessions) as session:
             rows = await repository.unpublished_responses(session, limit)
             optouts = await repository.unpublished_optouts(session, limit)
-            if not rows and not optouts:
+            erasures = await repository.unpublished_erasures(session, limit)
+            if not rows and not optouts and not erasures:
                 return 0
+            erased = {e.customer_hash: e.customer_id for e in erasures if e.customer_id}
+            # A suspected bot's answer stays in the collector: it must not cancel the person's
+            # reminder or start a detractor cool-down downstream.
             await self.producer.publish(
-                [response_message(r) for r in rows] + [optout_message(o) for o in optouts]
+                [response_message(r) for r in rows if not r.suspected_bot]
+                + [optout_message(o, erased) for o in optouts]
+                + [erasure_message(e) for e in erasures]
             )
             now = self.clock()
             await repository.mark_responses_published(
@@ -105,4 +129,5 @@ class ResponseRelay(Worker):
             await repository.mark_optouts_published(
                 session, [o.invitation_id for o in optouts], now
             )
-        return max(len(rows), len(optouts))
+            await repository.mark_erasures_published(session, [e.erasure_id for e in erasures], now)
+        return max(len(rows), len(optouts), len(erasures))

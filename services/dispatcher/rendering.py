@@ -210,6 +210,9 @@ class Renderer:
             "high_label": high_label,
             "answer_prompt": texts["sms_answer"].format(low=low, high=high),
             "survey_url": link,
+            # A link no person sees (hidden in the HTML part); only link scanners follow it, and
+            # the collector then keeps answers made around that moment apart as suspected bots.
+            "trap_url": f"{link}/trap",
             "unsubscribe_url": unsubscribe_url(self.public_url, invitation.token),
             "expires_at": invitation.expires_at,
             "customer": {
