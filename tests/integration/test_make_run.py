@@ -33,6 +33,9 @@ def test_make_run_walkthrough(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAIKU_")}
     env.update(KAIKU_PORT=str(port), KAIKU_PROGRAM=str(ROOT / "deploy/local/program.yaml"))
+    # The walkthrough answers within a second of the email; a person takes longer than the
+    # collector's 10 s "too fast to be a person" threshold.
+    env.update(KAIKU_COLLECTOR_BOT_MIN_SECONDS="0")
     out = tmp_path / "run.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "run"],
