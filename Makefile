@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format schemas bench clean
+.PHONY: run test chromium lint format schemas bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ run: $(STAMP)
 	$(BIN)/kaiku run
 
 ## test: every test, against the real broker (started by the tests) and PostgreSQL
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/pytest
+
+# The page tests drive Debian's chromium through Playwright (never a downloaded browser build).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 ## lint: ruff, the format check and mypy --strict
 lint: $(STAMP)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.program import Program, load_program
 from services.embedded import EmbeddedBroker
+from tests.browser import browser  # noqa: F401 - real Chromium for page tests
 from tests.support import SmtpSink
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,34 +1,295 @@
-"""The collector's JSON API: scores."""
+"""The collector's JSON API: scores (docs/scores.md).
+
+``GET /v1/scores`` reads the pre-aggregated cells only (sums grouped in SQL), never the answers
+one by one; the close-the-loop figures come from the few alerted answers.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository, scoring
+from services.collector.repository import NO_SCORE, CellGroup, CellQuery
 from services.common.db import unit_of_work
 from services.common.events import Metric
-from services.common.http import ApiError, ErrorResponse
-from services.common.program import Program
+from services.common.http import ApiError, error_responses
+from services.common.program import Program, Survey
+
+Period = Literal["none", "day", "week", "month"]
+# The group_by names of the API and their columns.
+GROUPS = {
+    "touchpoint": "touchpoint",
+    "channel": "channel",
+    "team": "team",
+    "agent": "agent",
+    "account": "account_id",
+}
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-class ScoreOut(BaseModel):
+class ScoreRow(BaseModel):
     survey: str
     metric: Metric
-    n: int
-    value: float | None
-    ci_low: float | None
+    target: float | None = Field(description="The survey's target from the program")
+    period_start: date | None = Field(
+        description="First day of the row's day, ISO week (Monday) or month; null for period=none"
+    )
+    group: dict[str, str | None] = Field(
+        description="The value of each group_by segment (null: the answers did not carry it)"
+    )
+    n: int = Field(description="Counted answers: with a score, not suspected bots")
+    value: float | None = Field(description="NPS −100…100, CSAT % 0…100, CES mean 1…7")
+    ci_low: float | None = Field(description="95% confidence interval")
     ci_high: float | None
     promoters: int | None = None
     passives: int | None = None
     detractors: int | None = None
-    top_box: int | None = None
-    low_n: bool
-    target: float | None = None
+    top_box: int | None = Field(default=None, description="CSAT 4–5, CES 5–7")
+    previous: float | None = Field(
+        description="The value of the previous period of the same length, same group"
+    )
+    change: float | None = Field(description="value − previous, in the score's own unit")
+    p_value: float | None = Field(description="Two-sided p-value of the change")
+    low_n: bool = Field(description="n is below KAIKU_COLLECTOR_MIN_N")
+    responses: int = Field(description="Answers by persons, skipped scores included")
+    delivered: int = Field(description="Invitations delivered (by the day of delivery)")
+    response_rate: float | None = Field(description="responses / delivered; null if none")
+    suspected_bots: int = Field(description="Answers kept apart as suspected bots")
+    alerts: int = Field(description="Answers that raised a close-the-loop alert")
+    loop_closure_rate: float | None = Field(description="Share of alerts with contacted_at")
+    median_minutes_to_contact: float | None = Field(
+        description="Median minutes from alerted_at to contacted_at of the contacted alerts"
+    )
+
+
+class ScoresOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    time_zone: str = Field(description="The reporting time zone of the days")
+    from_: date | None = Field(
+        alias="from", description="First day counted (inclusive), widened to a period start"
+    )
+    to: date | None = Field(description="First day not counted (exclusive)")
+    period: Period
+    group_by: list[str]
+    min_n: int
+    rows: list[ScoreRow]
+
+
+def _day(value: str | None, name: str, zone: ZoneInfo) -> date | None:
+    if value is None or value == "":
+        return None
+    try:
+        if not DATE.fullmatch(value):
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ApiError(
+            422,
+            "invalid",
+            f"{name} must be a date YYYY-MM-DD (a day in the reporting time zone, {zone.key})",
+            name,
+        ) from None
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for value in values or ():
+        for part in value.split(","):
+            if part.strip() and part.strip() not in out:
+                out.append(part.strip())
+    return out
+
+
+def floor(day: date, period: str) -> date:
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return day
+
+
+def step(start: date, period: str, back: bool = False) -> date:
+    """The start of the next (or, ``back``, the previous) period."""
+    if period == "day":
+        return start + timedelta(days=-1 if back else 1)
+    if period == "week":
+        return start + timedelta(days=-7 if back else 7)
+    if back:
+        return (start - timedelta(days=1)).replace(day=1)
+    return (start + timedelta(days=32)).replace(day=1)
+
+
+def _surveys(program: Program, ids: list[str], metric: str | None) -> list[Survey]:
+    if not ids:
+        chosen = [s for s in program.surveys if metric is None or s.metric == metric]
+        if not chosen:
+            raise ApiError(422, "invalid", f"no survey in the program measures {metric}", "metric")
+        return chosen
+    chosen = []
+    for survey_id in ids:
+        try:
+            chosen.append(program.survey(survey_id))
+        except KeyError:
+            raise ApiError(
+                404, "unknown_survey", f"no survey {survey_id!r} in the program", "survey"
+            ) from None
+    if metric is not None and any(s.metric != metric for s in chosen):
+        raise ApiError(422, "invalid", f"not every survey given measures {metric}", "metric")
+    return chosen
+
+
+class _Sums:
+    """What the cells and the alerted answers say about one group."""
+
+    def __init__(self) -> None:
+        self.hist: dict[int, int] = {}
+        self.responses = 0
+        self.bots = 0
+        self.delivered = 0
+        self.alerts: list[tuple[datetime, datetime | None]] = []
+
+
+async def _sums(session: AsyncSession, q: CellQuery) -> dict[CellGroup, _Sums]:
+    out: dict[CellGroup, _Sums] = defaultdict(_Sums)
+    for group, cell in await repository.score_cell_sums(session, q):
+        sums = out[group]
+        sums.bots = cell.bots
+        sums.responses = sum(cell.hist.values())
+        sums.hist = {s: n for s, n in cell.hist.items() if s != NO_SCORE}
+    for group, n in await repository.delivery_cell_sums(session, q):
+        out[group].delivered += n
+    for group, alerted_at, contacted_at in await repository.alerted_answers(session, q):
+        out[group].alerts.append((alerted_at, contacted_at))
+    return out
+
+
+def _num(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _row(
+    survey: Survey,
+    group: CellGroup,
+    names: list[str],
+    sums: _Sums,
+    previous: _Sums | None,
+    min_n: int,
+) -> ScoreRow:
+    result = scoring.score(survey.metric, sums.hist)
+    moved = scoring.change(survey.metric, sums.hist, previous.hist if previous else {})
+    counts: dict[str, int | None] = (
+        {
+            "promoters": result.promoters,
+            "passives": result.passives,
+            "detractors": result.detractors,
+        }
+        if survey.metric == "nps"
+        else {"top_box": result.top_box}
+    )
+    contacted = [(c - a).total_seconds() / 60 for a, c in sums.alerts if c is not None]
+    return ScoreRow(
+        survey=survey.id,
+        metric=survey.metric,
+        target=survey.target,
+        period_start=group[1],
+        group={name: value or None for name, value in zip(names, group[2], strict=True)},
+        n=result.n,
+        value=_num(result.value),
+        ci_low=_num(result.ci_low),
+        ci_high=_num(result.ci_high),
+        previous=moved.previous,
+        change=moved.change,
+        p_value=moved.p_value,
+        low_n=result.n < min_n,
+        responses=sums.responses,
+        delivered=sums.delivered,
+        response_rate=sums.responses / sums.delivered if sums.delivered else None,
+        suspected_bots=sums.bots,
+        alerts=len(sums.alerts),
+        loop_closure_rate=len(contacted) / len(sums.alerts) if sums.alerts else None,
+        median_minutes_to_contact=statistics.median(contacted) if contacted else None,
+        **counts,
+    )
+
+
+def widen(since: date | None, until: date | None, period: str) -> tuple[date | None, date | None]:
+    """With a period, ``from`` and ``to`` are widened to whole periods (every row then covers
+    a whole day, week or month, and so does the previous one it is compared with)."""
+    if period == "none":
+        return since, until
+    if since is not None:
+        since = floor(since, period)
+    if until is not None and floor(until, period) != until:
+        until = step(floor(until, period), period)
+    return since, until
+
+
+async def score_rows(
+    session: AsyncSession,
+    program: Program,
+    surveys: Sequence[Survey],
+    since: date | None,
+    until: date | None,
+    period: str,
+    group_by: Sequence[str],
+    zone: ZoneInfo,
+    min_n: int,
+) -> list[ScoreRow]:
+    """The rows of ``GET /v1/scores``: ``surveys`` over days ``since <= day < until`` (widened
+    to whole periods), by ``period`` and the ``group_by`` names of ``GROUPS``, each compared
+    with the previous period of the same length and group."""
+    since, until = widen(since, until, period)
+    names = list(group_by)
+    q = CellQuery(
+        surveys=tuple(s.id for s in surveys),
+        since=since,
+        until=until,
+        period=period,
+        segments=tuple(GROUPS[name] for name in names),
+    )
+    if period == "none":
+        current = await _sums(session, q)
+        previous: dict[CellGroup, _Sums] = {}
+        if since is not None:
+            end = until or datetime.now(zone).date() + timedelta(days=1)
+            before = CellQuery(q.surveys, since - (end - since), since, "none", q.segments)
+            previous = await _sums(session, before)
+    else:
+        wider = CellQuery(
+            q.surveys,
+            step(since, period, back=True) if since is not None else None,
+            until,
+            period,
+            q.segments,
+        )
+        current = previous = await _sums(session, wider)
+    if period == "none" and not names:
+        for s in surveys:  # a survey without answers still has its (empty) row
+            current.setdefault((s.id, None, ()), _Sums())
+    by_id = {s.id: s for s in surveys}
+    rows = []
+    for group in sorted(current, key=lambda g: (g[0], g[1] or date.min, g[2])):
+        start = group[1]
+        if start is not None and since is not None and start < since:
+            continue  # the period before the first: only there to compare with
+        before_key = (
+            group if start is None else (group[0], step(start, period, back=True), group[2])
+        )
+        rows.append(
+            _row(by_id[group[0]], group, names, current[group], previous.get(before_key), min_n)
+        )
+    return rows
 
 
 def router(
@@ -37,56 +298,75 @@ def router(
     sessions: async_sessionmaker[AsyncSession],
     auth: Any,
     min_n: int,
+    zone: ZoneInfo | None = None,
 ) -> APIRouter:
     api = APIRouter()
+    tz = zone or ZoneInfo("UTC")
 
     @api.get(
         "/v1/scores",
-        response_model=ScoreOut,
+        response_model=ScoresOut,
+        response_model_by_alias=True,
         dependencies=[Depends(auth)],
-        responses={
-            401: {"model": ErrorResponse},
-            404: {"model": ErrorResponse},
-            422: {"model": ErrorResponse},
-        },
-        summary="The score of a survey",
+        responses=error_responses(
+            {
+                401: "No or a wrong bearer token",
+                404: "A survey not in the program",
+                422: "A parameter is invalid (``field`` names it)",
+            }
+        ),
+        summary="Scores by survey, period and segment",
+        description=(
+            "NPS, CSAT or CES with n, a 95% interval and the change from the previous period "
+            "(two-sided p-value), response rate, suspected bots and close-the-loop figures. "
+            "Days are in the reporting time zone; ``from`` is inclusive, ``to`` exclusive. "
+            "With a period, both are widened to whole periods. See docs/scores.md."
+        ),
     )
     async def scores(
-        survey: str = Query(description="Survey id from the program"),
-        from_: datetime | None = Query(default=None, alias="from"),
-        to: datetime | None = None,
-    ) -> ScoreOut:
-        try:
-            definition = program.survey(survey)
-        except KeyError:
-            raise ApiError(
-                404, "unknown_survey", f"no survey {survey!r} in the program", "survey"
-            ) from None
-        for name, value in (("from", from_), ("to", to)):
-            if value is not None and value.tzinfo is None:
-                raise ApiError(422, "invalid", "give a time zone (e.g. 2026-11-01T00:00:00Z)", name)
+        survey: list[str] | None = Query(
+            default=None,
+            description="Survey ids (repeat or comma-separate); all surveys when left out",
+        ),
+        metric: Metric | None = Query(
+            default=None, description="Only the surveys of this metric (when no survey is given)"
+        ),
+        from_: str | None = Query(
+            default=None, alias="from", description="First day (YYYY-MM-DD), inclusive"
+        ),
+        to: str | None = Query(default=None, description="End day (YYYY-MM-DD), exclusive"),
+        period: Period = Query(default="none", description="none, day, week (ISO) or month"),
+        group_by: list[str] | None = Query(
+            default=None,
+            description="touchpoint, channel, team, agent, account (repeat or comma-separate)",
+        ),
+    ) -> ScoresOut:
+        surveys = _surveys(program, _split(survey), metric)
+        names = _split(group_by)
+        for name in names:
+            if name not in GROUPS:
+                raise ApiError(
+                    422,
+                    "invalid",
+                    f"cannot group by {name!r}; choose from {', '.join(GROUPS)}",
+                    "group_by",
+                )
+        since, until = _day(from_, "from", tz), _day(to, "to", tz)
+        if since is not None and until is not None and since >= until:
+            raise ApiError(422, "invalid", "to must be after from (to is exclusive)", "to")
+        since, until = widen(since, until, period)
         async with unit_of_work(sessions) as session:
-            hist = await repository.score_histogram(session, survey, from_, to)
-        result = scoring.score(definition.metric, hist)
-        counts: dict[str, int | None] = (
-            {
-                "promoters": result.promoters,
-                "passives": result.passives,
-                "detractors": result.detractors,
-            }
-            if definition.metric == "nps"
-            else {"top_box": result.top_box}
-        )
-        return ScoreOut(
-            survey=survey,
-            metric=definition.metric,
-            n=result.n,
-            value=None if result.value is None else round(result.value, 2),
-            ci_low=None if result.ci_low is None else round(result.ci_low, 2),
-            ci_high=None if result.ci_high is None else round(result.ci_high, 2),
-            low_n=result.n < min_n,
-            target=definition.target,
-            **counts,
+            rows = await score_rows(
+                session, program, surveys, since, until, period, names, tz, min_n
+            )
+        return ScoresOut(
+            time_zone=tz.key,
+            from_=since,
+            to=until,
+            period=period,
+            group_by=names,
+            min_n=min_n,
+            rows=rows,
         )
 
     return api

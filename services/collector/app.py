@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.collector import api, links
+from services.collector import alerting, api, dashboard, erasure, links, responses
 from services.collector.bots import reporting_zone
 from services.collector.config import CollectorSettings
 from services.collector.handlers import DeliveryHandler, InvitationHandler
@@ -47,6 +47,16 @@ def create_app(
         group="deliveries",
     )
     runtime.add_worker("response-relay", relay.run, relay.stop)
+    alerter = alerting.AlertSender(settings=collector, program=program, sessions=runtime.sessions)
+    runtime.add_worker("alert-sender", alerter.run, alerter.stop)
+    runtime.on_stop(alerter.aclose)
+
+    changes = dashboard.Changes()
+
+    def answered() -> None:
+        relay.wake()
+        alerter.wake()
+        changes.notify()
 
     app = service_app("kaiku collector", runtime)
     app.include_router(
@@ -56,7 +66,7 @@ def create_app(
             pages=Pages(collector.template_dir),
             sessions=runtime.sessions,
             settings=collector,
-            on_change=relay.wake,
+            on_change=answered,
         )
     )
     app.include_router(
@@ -65,6 +75,33 @@ def create_app(
             sessions=runtime.sessions,
             auth=bearer_auth(settings.http.api_token),
             min_n=collector.min_n,
+            zone=reporting_zone(collector, program),
+        )
+    )
+    app.include_router(
+        erasure.router(
+            sessions=runtime.sessions,
+            auth=bearer_auth(settings.http.api_token),
+            salt=settings.erasure.erasure_salt,
+            on_change=relay.wake,
+        )
+    )
+    app.include_router(
+        responses.router(
+            sessions=runtime.sessions,
+            auth=bearer_auth(settings.http.api_token),
+            cursor_key=responses.cursor_key(settings.http.api_token),
+        )
+    )
+    app.include_router(
+        dashboard.router(
+            program=program,
+            sessions=runtime.sessions,
+            token=settings.http.api_token,
+            zone=reporting_zone(collector, program),
+            min_n=collector.min_n,
+            changes=changes,
+            session_hours=collector.dashboard_session_hours,
         )
     )
     return app

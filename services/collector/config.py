@@ -22,3 +22,13 @@ class CollectorSettings(BaseSettings):
     trap_window_seconds: float = 120.0
     burst_window_seconds: float = 60.0
     burst_scores: int = 3
+    # Close-the-loop alert webhooks (services/collector/alerting.py): attempts in all, the
+    # back-off base and cap (exponential with jitter; a Retry-After is honoured), the request
+    # timeout, and how often the sender looks for due alerts when nothing wakes it.
+    alert_max_attempts: int = 8
+    alert_retry_base_seconds: float = 30.0
+    alert_retry_max_seconds: float = 3600.0
+    alert_timeout_seconds: float = 10.0
+    alert_poll_seconds: float = 2.0
+    # How long a dashboard sign-in lasts.
+    dashboard_session_hours: float = 12.0

@@ -32,10 +32,13 @@ class InvitationHandler:
         now = self.clock()
         rows = {}
         cancelled = []
+        erased: list[uuid.UUID] = []
         for item in batch:
             inv = item.message
             if isinstance(inv, InvitationCancelled):
                 cancelled.append(inv.invitation_id)
+                if inv.reason == "erased":  # stored after the customer's erasure here
+                    erased.append(inv.invitation_id)
                 continue
             rows[inv.invitation_id] = {
                 "invitation_id": inv.invitation_id,
@@ -51,6 +54,7 @@ class InvitationHandler:
             }
         await repository.store_invitations(session, list(rows.values()))
         await repository.cancel_invitations(session, cancelled, now)
+        await repository.erase_invitations(session, erased, now)
         return HandlerResult()
 
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.collector import bots, repository
+from services.collector import alerting, bots, repository
 from services.collector.config import CollectorSettings
 from services.collector.models import Invitation
 from services.collector.pages import Pages, pick_locale
@@ -210,6 +210,7 @@ def router(
                     day=bots.local_day(now, reporting),
                     bot_reason=reason,
                 )
+                await alerting.record(session, program, saved, now)
                 if reason is None:
                     log.info("answer stored (revision %d)", saved.revision)
                 else:

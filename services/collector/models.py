@@ -89,6 +89,7 @@ class Response(Segments, Base):
     __table_args__ = (
         Index("ix_collector_responses_survey_submitted", "survey_id", "submitted_at"),
         Index("ix_collector_responses_survey_alerted", "survey_id", "alerted_at"),
+        Index("ix_collector_responses_followup_updated", "followup_updated_at"),
     )
 
     response_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -180,3 +181,39 @@ class EarlyDelivery(Base):
     invitation_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     delivered_at: Mapped[datetime] = mapped_column(UtcDateTime())
     day: Mapped[date] = mapped_column(Date)
+
+
+class Erasure(Base):
+    """An erasure request (``DELETE /v1/customers/{id}``), and the outbox marker of its
+    ``CustomerErased`` event on ``kaiku.optouts``. The customer id is kept only until the event
+    is published; ``customer_hash`` (the salted hash) stays."""
+
+    __tablename__ = "collector_erasures"
+
+    erasure_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    customer_hash: Mapped[str] = mapped_column(String(80), index=True)
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class AlertDelivery(Base):
+    """One alert to one webhook (the outbox of close-the-loop alerts): written in the answer's
+    transaction, posted by ``alerting.AlertSender``. ``id`` is the ``webhook-id``, the same on
+    every retry. ``rules`` are the rules that newly matched with this revision."""
+
+    __tablename__ = "collector_alert_deliveries"
+    __table_args__ = (Index(None, "status", "next_attempt_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    response_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    rules: Mapped[str] = mapped_column(String(500))
+    url: Mapped[str] = mapped_column(String(2000))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # pending (waiting or being posted), delivered, failed (for good)
+    status: Mapped[str] = mapped_column(String(10), default="pending")
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Date,
+    DateTime,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import (
+    AlertDelivery,
     DeliveryCell,
     EarlyDelivery,
+    Erasure,
     Hit,
     Invitation,
     OptOut,
@@ -146,6 +163,20 @@ async def invitation_by_token(session: AsyncSession, token: str) -> Invitation |
     return (
         await session.execute(select(Invitation).where(Invitation.token == token))
     ).scalar_one_or_none()
+
+
+async def latest_change(session: AsyncSession, surveys: list[str]) -> tuple[Any, ...]:
+    """A cheap stamp that changes when an answer or a follow-up does: per survey, the last
+    submitted_at (an index scan each) and the last follow-up update."""
+    stamps: list[Any] = []
+    for survey_id in surveys:
+        stamps.append(
+            await session.scalar(
+                select(func.max(Response.submitted_at)).where(Response.survey_id == survey_id)
+            )
+        )
+    stamps.append(await session.scalar(select(func.max(Response.followup_updated_at))))
+    return tuple(stamps)
 
 
 async def response_for(session: AsyncSession, invitation_id: uuid.UUID) -> Response | None:
@@ -287,22 +318,344 @@ async def mark_responses_published(
         )
 
 
-async def score_histogram(
-    session: AsyncSession, survey_id: str, since: datetime | None, until: datetime | None
-) -> dict[int, int]:
-    """Counts per score value of the counted answers (scored, not suspected bots)."""
-    stmt = (
-        select(Response.score, func.count())
-        .where(
-            Response.survey_id == survey_id,
-            Response.score.is_not(None),
-            Response.suspected_bot.is_(False),
-        )
-        .group_by(Response.score)
+# -- erasure --------------------------------------------------------------------------------------
+
+
+async def erase_customer(
+    session: AsyncSession, customer_id: str, customer_hash: str, now: datetime
+) -> list[uuid.UUID]:
+    """Scrub one customer from the collector's tables: answers keep their score, survey, day and
+    scoring segments but lose the customer id, the comment, the case and the follow-up note;
+    invitations lose the customer and the case (their links then answer "not found") and their
+    hits are deleted; opt-outs keep the customer only as its salted hash. The score cells do not
+    change. Returns the ids of the customer's invitations."""
+    ids = list(
+        (
+            await session.execute(
+                select(Invitation.invitation_id).where(Invitation.customer_id == customer_id)
+            )
+        ).scalars()
     )
-    if since is not None:
-        stmt = stmt.where(Response.submitted_at >= since)
-    if until is not None:
-        stmt = stmt.where(Response.submitted_at < until)
-    rows = await session.execute(stmt)
-    return {int(s): int(c) for s, c in rows.all() if s is not None}
+    await session.execute(
+        update(Response)
+        .where(Response.customer_id == customer_id)
+        .values(customer_id=None, comment=None, case_id=None, followup_note=None, erased_at=now)
+    )
+    await erase_invitations(session, ids, now)
+    await session.execute(
+        update(OptOut).where(OptOut.customer_id == customer_id).values(customer_id=customer_hash)
+    )
+    return ids
+
+
+async def erase_invitations(session: AsyncSession, ids: list[uuid.UUID], now: datetime) -> None:
+    """Forget whose these invitations were (and delete their hits)."""
+    if not ids:
+        return
+    await session.execute(
+        update(Invitation)
+        .where(Invitation.invitation_id.in_(ids))
+        .values(customer_id=None, case_id=None, erased_at=now)
+    )
+    await session.execute(
+        update(Response)
+        .where(Response.invitation_id.in_(ids), Response.erased_at.is_(None))
+        .values(customer_id=None, comment=None, case_id=None, followup_note=None, erased_at=now)
+    )
+    await session.execute(delete(Hit).where(Hit.invitation_id.in_(ids)))
+
+
+async def add_erasure(session: AsyncSession, row: dict[str, Any]) -> None:
+    session.add(Erasure(**row))
+    await session.flush()
+
+
+async def unpublished_erasures(session: AsyncSession, limit: int) -> list[Erasure]:
+    stmt = (
+        select(Erasure)
+        .where(Erasure.published_at.is_(None))
+        .order_by(Erasure.requested_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def mark_erasures_published(
+    session: AsyncSession, ids: list[uuid.UUID], now: datetime
+) -> None:
+    """Published: the customer id is no longer needed, only its hash stays."""
+    if ids:
+        await session.execute(
+            update(Erasure)
+            .where(Erasure.erasure_id.in_(ids))
+            .values(published_at=now, customer_id=None)
+        )
+
+
+# -- close the loop: the responses API, follow-up, alert deliveries ------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseQuery:
+    """The filters of ``GET /v1/responses`` (and its CSV)."""
+
+    survey_id: str | None = None
+    metric: str | None = None
+    since: datetime | None = None  # submitted_at >= since
+    until: datetime | None = None  # submitted_at < until
+    score_min: int | None = None
+    score_max: int | None = None
+    followup_status: str | None = None
+    alerted: bool | None = None
+    bots: str = "exclude"  # exclude | include | only
+    has_comment: bool | None = None
+    segments: tuple[tuple[str, str], ...] = ()  # (column, value): touchpoint ... account_id
+
+
+def _response_filters(q: ResponseQuery) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if q.survey_id is not None:
+        where.append(Response.survey_id == q.survey_id)
+    if q.metric is not None:
+        where.append(Response.metric == q.metric)
+    if q.since is not None:
+        where.append(Response.submitted_at >= q.since)
+    if q.until is not None:
+        where.append(Response.submitted_at < q.until)
+    if q.score_min is not None:
+        where.append(Response.score >= q.score_min)
+    if q.score_max is not None:
+        where.append(Response.score <= q.score_max)
+    if q.followup_status is not None:
+        where.append(Response.followup_status == q.followup_status)
+    if q.alerted is not None:
+        where.append(
+            Response.alerted_at.is_not(None) if q.alerted else Response.alerted_at.is_(None)
+        )
+    if q.bots == "exclude":
+        where.append(Response.suspected_bot.is_(False))
+    elif q.bots == "only":
+        where.append(Response.suspected_bot.is_(True))
+    if q.has_comment is not None:
+        with_comment = and_(Response.comment.is_not(None), Response.comment != "")
+        where.append(with_comment if q.has_comment else ~with_comment)
+    for column, value in q.segments:
+        if column not in SEGMENTS:
+            raise ValueError(f"not a segment: {column}")
+        where.append(getattr(Response, column) == value)
+    return where
+
+
+async def find_responses(
+    session: AsyncSession,
+    query: ResponseQuery,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Response]:
+    """One page of answers, newest first: keyset paging on (submitted_at, response_id), both
+    descending, strictly after the ``after`` position."""
+    stmt = select(Response).where(*_response_filters(query))
+    if after is not None:
+        at, response_id = after
+        stmt = stmt.where(
+            or_(
+                Response.submitted_at < at,
+                and_(Response.submitted_at == at, Response.response_id < response_id),
+            )
+        )
+    stmt = stmt.order_by(Response.submitted_at.desc(), Response.response_id.desc()).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def response_by_id(
+    session: AsyncSession, response_id: uuid.UUID, *, for_update: bool = False
+) -> Response | None:
+    stmt = select(Response).where(Response.response_id == response_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def record_alert(
+    session: AsyncSession,
+    response: Response,
+    *,
+    rules: list[str],
+    deliveries: list[tuple[str, list[str]]],
+    now: datetime,
+) -> None:
+    """Mark the answer alerted (``rules``: every rule that has alerted for it so far), open its
+    follow-up if it has none, and queue one delivery per (webhook URL, its new rules)."""
+    if response.alerted_at is None:
+        response.alerted_at = now
+    joined = ",".join(rules)
+    while len(joined) > 500:  # the column's size; the ids are in the deliveries anyway
+        joined = joined.rsplit(",", 1)[0]
+    response.alert_rules = joined
+    if response.followup_status is None:
+        response.followup_status = "open"
+        response.followup_updated_at = now
+    session.add_all(
+        AlertDelivery(
+            id=uuid.uuid4(),
+            response_id=response.response_id,
+            revision=response.revision,
+            rules=",".join(new)[:500],
+            url=url,
+            attempts=0,
+            next_attempt_at=now,
+            status="pending",
+            created_at=now,
+        )
+        for url, new in deliveries
+    )
+    await session.flush()
+
+
+async def due_alert_deliveries(
+    session: AsyncSession, *, now: datetime, limit: int
+) -> list[tuple[AlertDelivery, Response | None]]:
+    """Pending deliveries whose time has come, each with its answer, locked (SKIP LOCKED: each
+    replica claims its own)."""
+    stmt = (
+        select(AlertDelivery, Response)
+        .outerjoin(Response, Response.response_id == AlertDelivery.response_id)
+        .where(AlertDelivery.status == "pending", AlertDelivery.next_attempt_at <= now)
+        .order_by(AlertDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(of=AlertDelivery, skip_locked=True)
+    )
+    return [(d, r) for d, r in (await session.execute(stmt)).all()]
+
+
+async def finish_alert_delivery(
+    session: AsyncSession, delivery_id: uuid.UUID, attempts: int, values: dict[str, Any]
+) -> None:
+    """Record an attempt's outcome, unless another replica claimed the row again meanwhile."""
+    await session.execute(
+        update(AlertDelivery)
+        .where(AlertDelivery.id == delivery_id, AlertDelivery.attempts == attempts)
+        .values(**values)
+    )
+
+
+# -- scores: sums of the pre-aggregated cells, grouped in SQL (GET /v1/scores) ------------------
+
+PERIODS = ("none", "day", "week", "month")
+
+
+@dataclass(frozen=True)
+class CellQuery:
+    """What ``GET /v1/scores`` sums: these surveys, days ``since <= day < until`` (reporting
+    time zone; None: unbounded), bucketed by ``period`` and grouped by ``segments`` (columns of
+    ``SEGMENTS``)."""
+
+    surveys: tuple[str, ...]
+    since: date | None
+    until: date | None
+    period: str = "none"
+    segments: tuple[str, ...] = ()
+
+
+# (survey_id, period start or None, segment values ("" for none), ...)
+CellGroup = tuple[str, date | None, tuple[str, ...]]
+
+
+def period_start(session: AsyncSession, day: Any, period: str) -> Any:
+    """The first day of the day's period in SQL: the day itself, its ISO week's Monday, or the
+    first of its month; None for ``none``. ``day`` is a DATE column."""
+    if period == "none":
+        return None
+    if period == "day":
+        return day
+    if period not in PERIODS:
+        raise ValueError(f"not a period: {period}")
+    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+    if dialect == "postgresql":  # on a timestamp without time zone: the session's zone is moot
+        return cast(func.date_trunc(literal_column(f"'{period}'"), cast(day, DateTime())), Date)
+    # SQLite: 'weekday 0' moves to the coming Sunday (or stays on one), 6 days back is Monday.
+    modifiers = ("'weekday 0'", "'-6 days'") if period == "week" else ("'start of month'",)
+    return type_coerce(func.date(day, *(literal_column(m) for m in modifiers)), Date)
+
+
+def _cell_keys(session: AsyncSession, model: Any, q: CellQuery) -> list[Any]:
+    for column in q.segments:
+        if column not in SEGMENTS:
+            raise ValueError(f"not a segment: {column}")
+    bucket = period_start(session, model.day, q.period)
+    return [
+        model.survey_id,
+        *([bucket.label("period_start")] if bucket is not None else []),
+        *(getattr(model, column) for column in q.segments),
+    ]
+
+
+def _cell_where(model: Any, q: CellQuery) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = [model.survey_id.in_(q.surveys)]
+    if q.since is not None:
+        where.append(model.day >= q.since)
+    if q.until is not None:
+        where.append(model.day < q.until)
+    return where
+
+
+def _group(row: Any, q: CellQuery) -> CellGroup:
+    bucket = row[1] if q.period != "none" else None
+    first = 2 if q.period != "none" else 1
+    return (row[0], bucket, tuple(v or "" for v in row[first : first + len(q.segments)]))
+
+
+SCORE_VALUES = range(NO_SCORE, 11)  # every score a cell can hold: -1 (none) and 0…10
+
+
+@dataclass
+class CellSums:
+    """One group's answers: ``hist`` {score: answers} of persons (``NO_SCORE`` for a skipped
+    score) and the suspected bots apart."""
+
+    hist: dict[int, int]
+    bots: int
+
+
+async def score_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, CellSums]]:
+    """Each group's histogram summed from the score cells in SQL, one row per group (a
+    column per score value), whatever the number of answers."""
+    keys = _cell_keys(session, ScoreCell, q)
+    person = ScoreCell.suspected_bot.is_(False)
+    columns = [
+        func.sum(case((and_(person, ScoreCell.score == value), ScoreCell.n), else_=0))
+        for value in SCORE_VALUES
+    ]
+    bots = func.sum(case((ScoreCell.suspected_bot.is_(True), ScoreCell.n), else_=0))
+    stmt = select(*keys, bots, *columns).where(*_cell_where(ScoreCell, q)).group_by(*keys)
+    out = []
+    for row in (await session.execute(stmt)).all():
+        counts = row[len(keys) + 1 :]
+        hist = {v: int(c) for v, c in zip(SCORE_VALUES, counts, strict=True) if c}
+        if hist or row[len(keys)]:
+            out.append((_group(row, q), CellSums(hist, int(row[len(keys)]))))
+    return out
+
+
+async def delivery_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, int]]:
+    """(group, delivered invitations) summed from the delivery cells in SQL."""
+    keys = _cell_keys(session, DeliveryCell, q)
+    stmt = select(*keys, func.sum(DeliveryCell.n)).where(*_cell_where(DeliveryCell, q))
+    stmt = stmt.group_by(*keys)
+    return [
+        (_group(row, q), int(row[-1])) for row in (await session.execute(stmt)).all() if row[-1]
+    ]
+
+
+async def alerted_answers(
+    session: AsyncSession, q: CellQuery
+) -> list[tuple[CellGroup, datetime, datetime | None]]:
+    """(group, alerted_at, contacted_at) of every alerted answer (the alerts are few: the
+    ``(survey_id, alerted_at)`` index finds them without reading the other answers)."""
+    keys = _cell_keys(session, Response, q)
+    stmt = select(*keys, Response.alerted_at, Response.contacted_at).where(
+        *_cell_where(Response, q), Response.alerted_at.is_not(None)
+    )
+    return [(_group(row, q), row[-2], row[-1]) for row in (await session.execute(stmt)).all()]

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.erasure import DEV_ERASURE_SALT
+
 
 class KafkaSettings(BaseSettings):
     """How to reach the Kafka-protocol cluster and what the topics are called."""
@@ -92,6 +94,16 @@ class LinkSettings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+
+class ErasureSettings(BaseSettings):
+    """Erasure (``DELETE /v1/customers/{id}``): the key of the salted hashes that opt-outs keep
+    after their customer is erased. Production must set it, the same in every service, and never
+    change it: opt-outs hashed with another salt are no longer recognised."""
+
+    model_config = SettingsConfigDict(env_prefix="KAIKU_", extra="ignore")
+
+    erasure_salt: SecretStr = SecretStr(DEV_ERASURE_SALT)
 
 
 class ProgramSettings(BaseSettings):

@@ -254,18 +254,32 @@ class OptOutRecorded(BaseModel):
     occurred_at: AwareDatetime
 
 
+class CustomerErased(BaseModel):
+    """A customer asked to be forgotten (``DELETE /v1/customers/{id}`` at the collector): every
+    service removes the customer's personal data; answers keep their scores without identity and
+    opt-outs survive as salted hashes. On ``kaiku.optouts``, keyed by customer id, so it follows
+    the customer's opt-outs."""
+
+    type: Literal["customer.erased"] = "customer.erased"
+    erasure_id: uuid.UUID
+    customer_id: Id
+    requested_at: AwareDatetime
+
+
+OptOutMessage = Annotated[OptOutRecorded | CustomerErased, Field(discriminator="type")]
+OPTOUT_MESSAGE: TypeAdapter[OptOutRecorded | CustomerErased] = TypeAdapter(OptOutMessage)
+
 # One model (or tagged union) per topic. The dead-letter topic carries the original bytes.
 EventMessage = CloudEvent
 DeliveryMessage = DeliveryRecorded
 ResponseMessage = ResponseSubmitted
-OptOutMessage = OptOutRecorded
 
 TOPIC_MODELS: dict[str, Any] = {
     EVENTS: CloudEvent,
     INVITATIONS: InvitationMessage,
     DELIVERIES: DeliveryRecorded,
     RESPONSES: ResponseSubmitted,
-    OPTOUTS: OptOutRecorded,
+    OPTOUTS: OptOutMessage,
 }
 
 EVENT_BATCH: TypeAdapter[list[CloudEvent]] = TypeAdapter(list[CloudEvent])

@@ -9,9 +9,18 @@ import re
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from services.common.events import Metric, SurveyChannel, TimeZone
 
@@ -293,6 +302,67 @@ class Quota(_Model):
     limit: Annotated[int, Field(ge=0)]
 
 
+def _webhook_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (sign with secret_env instead)")
+    return value
+
+
+class AlertRule(_Model):
+    """When an answer counts as an alert (close the loop). Every condition given must hold:
+    the survey or metric it applies to, the score bounds, a word in the comment."""
+
+    id: Slug
+    survey: Slug | None = Field(default=None, description="Only answers to this survey")
+    metric: Metric | None = Field(
+        default=None, description="Only answers of this metric (any survey when none is named)"
+    )
+    score_at_most: int | None = Field(default=None, description="The score is at most this")
+    score_at_least: int | None = Field(default=None, description="The score is at least this")
+    comment_contains: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        description="The comment contains any of these words, case-insensitively (a word "
+        "matches at the start of a word in the comment: 'huono' matches 'huonoa')",
+    )
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> AlertRule:
+        if self.score_at_most is None and self.score_at_least is None and not self.comment_contains:
+            raise ValueError(
+                "an alert rule needs score_at_most, score_at_least or comment_contains"
+            )
+        if (self.score_at_most is not None or self.score_at_least is not None) and not (
+            self.survey or self.metric
+        ):
+            raise ValueError(
+                "a score bound needs a survey or a metric (the metrics' scales differ)"
+            )
+        return self
+
+
+class AlertWebhook(_Model):
+    """A URL that receives every alert, signed the Standard Webhooks way."""
+
+    url: Annotated[str, Field(max_length=2000), AfterValidator(_webhook_url)]
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,99}$")] = Field(
+        description="The environment variable holding the signing secret (whsec_ + base64); "
+        "the secret itself is never in the program"
+    )
+    rules: list[Slug] | None = Field(
+        default=None, description="Only alerts of these rules (default: every rule)"
+    )
+
+
+class Alerts(_Model):
+    """Close the loop: which answers are alerts, and who is told."""
+
+    rules: list[AlertRule] = Field(default_factory=list)
+    webhooks: list[AlertWebhook] = Field(default_factory=list)
+
+
 class Defaults(_Model):
     locale: Literal["fi", "sv", "en"] = "en"
     timezone: TimeZone | None = Field(
@@ -310,6 +380,7 @@ class Program(_Model):
     fatigue: Fatigue = Fatigue()
     suppression: Suppression = Suppression()
     quotas: list[Quota] = Field(default_factory=list)
+    alerts: Alerts = Alerts()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Program:
@@ -343,7 +414,33 @@ class Program(_Model):
                 raise _at(("triggers", i, "id"), f"duplicate trigger id {trigger.id!r}")
             if trigger.survey not in ids:
                 raise _at(("triggers", i, "survey"), f"unknown survey {trigger.survey!r}")
+        self._check_alerts()
         return self
+
+    def _check_alerts(self) -> None:
+        metrics = {s.id: s.metric for s in self.surveys}
+        alert_ids = [r.id for r in self.alerts.rules]
+        for i, rule in enumerate(self.alerts.rules):
+            at = ("alerts", "rules", i)
+            if rule.id in alert_ids[:i]:
+                raise _at((*at, "id"), f"duplicate alert rule id {rule.id!r}")
+            if rule.survey is not None and rule.survey not in metrics:
+                raise _at((*at, "survey"), f"unknown survey {rule.survey!r}")
+            metric = metrics[rule.survey] if rule.survey is not None else rule.metric
+            if rule.survey is not None and rule.metric not in (None, metric):
+                raise _at((*at, "metric"), f"survey {rule.survey!r} measures {metric}")
+            for bound in ("score_at_most", "score_at_least"):
+                value = getattr(rule, bound)
+                low, high = METRIC_RANGES[metric] if metric else (0, 10)
+                if value is not None and not low <= value <= high:
+                    raise _at((*at, bound), f"{metric} scores are {low}-{high}")
+        urls = [w.url for w in self.alerts.webhooks]
+        for i, hook in enumerate(self.alerts.webhooks):
+            if hook.url in urls[:i]:
+                raise _at(("alerts", "webhooks", i, "url"), "the same URL is listed twice")
+            for rule_id in hook.rules or []:
+                if rule_id not in alert_ids:
+                    raise _at(("alerts", "webhooks", i, "rules"), f"unknown rule {rule_id!r}")
 
     def survey(self, survey_id: str) -> Survey:
         for survey in self.surveys:

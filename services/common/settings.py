@@ -7,6 +7,7 @@ from typing import Any
 
 from services.common.config import (
     DatabaseSettings,
+    ErasureSettings,
     HttpSettings,
     KafkaSettings,
     LinkSettings,
@@ -21,6 +22,7 @@ class CommonSettings:
     http: HttpSettings = field(default_factory=HttpSettings)
     links: LinkSettings = field(default_factory=LinkSettings)
     program: ProgramSettings = field(default_factory=ProgramSettings)
+    erasure: ErasureSettings = field(default_factory=ErasureSettings)
 
     def with_database(self, service: str) -> CommonSettings:
         """Apply ``KAIKU_<SERVICE>_DATABASE_URL`` / ``_SCHEMA`` overrides for one service."""

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.common import events
-from services.common.events import INVITATION_MESSAGE, OptOutRecorded, ResponseSubmitted
+from services.common.events import INVITATION_MESSAGE, OPTOUT_MESSAGE, ResponseSubmitted
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
@@ -50,12 +50,13 @@ def create_app(
         providers=channels,
         sessions=runtime.sessions,
         producer=runtime.producer,
+        salt=settings.erasure.erasure_salt,
     )
     runtime.consume(
         "dispatcher",
         events.INVITATIONS,
         json_decoder(INVITATION_MESSAGE),
-        InvitationHandler(),
+        InvitationHandler(settings.erasure.erasure_salt),
         after_batch=scheduler.wake,
     )
     runtime.consume(
@@ -68,8 +69,8 @@ def create_app(
     runtime.consume(
         "dispatcher-optouts",
         events.OPTOUTS,
-        json_decoder(OptOutRecorded),
-        OptOutHandler(),
+        json_decoder(OPTOUT_MESSAGE),
+        OptOutHandler(settings.erasure.erasure_salt),
         group="optouts",
     )
     runtime.add_worker("scheduler", scheduler.run, scheduler.stop)

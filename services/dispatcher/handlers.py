@@ -4,15 +4,19 @@ cancelled, and the contact point is checked again at the moment of every send)."
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.erasure import DEV_ERASURE_SALT, customer_hash
 from services.common.events import (
+    CustomerErased,
     InvitationCancelled,
     InvitationRequested,
     OptOutRecorded,
@@ -22,6 +26,8 @@ from services.common.events import (
 from services.common.kafka import HandlerResult, Incoming
 from services.dispatcher import repository
 from services.dispatcher.models import Send
+
+log = logging.getLogger(__name__)
 
 
 def contact_of(invitation: InvitationRequested) -> str | None:
@@ -70,6 +76,7 @@ def provider_optout(
 
 @dataclass
 class InvitationHandler:
+    salt: SecretStr = field(default_factory=lambda: SecretStr(DEV_ERASURE_SALT))
     clock: Callable[[], datetime] = utcnow
 
     async def __call__(
@@ -80,16 +87,26 @@ class InvitationHandler:
         now = self.clock()
         rows = {}
         cancels: dict[str, list[uuid.UUID]] = {}
+        erased: dict[str, list[uuid.UUID]] = {}
         for item in batch:
             inv = item.message
             if isinstance(inv, InvitationCancelled):
                 cancels.setdefault(inv.reason, []).append(inv.invitation_id)
+                if inv.reason == "erased":
+                    erased.setdefault(inv.customer_id, []).append(inv.invitation_id)
                 continue
             rows[inv.invitation_id] = send_row(inv, now)
         await repository.schedule(session, list(rows.values()))
         # A cancellation follows its request on the same partition: apply it after the inserts.
         for reason, ids in cancels.items():
             await repository.cancel(session, ids, reason=reason, now=now)
+        for customer, ids in erased.items():  # scheduled after the customer's erasure here
+            await repository.erase_sends(
+                session,
+                await repository.sends_of(session, ids),
+                customer_hash(self.salt, customer),
+                now,
+            )
         return HandlerResult()
 
 
@@ -112,14 +129,33 @@ class ResponseHandler:
 @dataclass
 class OptOutHandler:
     """Opt-outs from the unsubscribe page (and from the other services): the contact point is
-    resolved from the invitation's send, else the whole customer is opted out on the channel."""
+    resolved from the invitation's send, else the whole customer is opted out on the channel.
+    Erasures: the customer's pending sends and reminders are cancelled and every trace of them
+    erased, their opt-outs kept as salted hashes (after the batch's opt-outs are recorded)."""
 
+    salt: SecretStr = field(default_factory=lambda: SecretStr(DEV_ERASURE_SALT))
     clock: Callable[[], datetime] = utcnow
 
     async def __call__(
-        self, batch: list[Incoming[OptOutRecorded]], session: AsyncSession
+        self, batch: list[Incoming[OptOutRecorded | CustomerErased]], session: AsyncSession
     ) -> HandlerResult:
         now = self.clock()
+        await self._optouts(
+            [Incoming(i.record, i.message) for i in batch if isinstance(i.message, OptOutRecorded)],
+            session,
+            now,
+        )
+        for item in batch:
+            if isinstance(item.message, CustomerErased):
+                n = await repository.erase_customer(
+                    session, item.message.customer_id, self.salt, now
+                )
+                log.info("erasure %s: %d send(s) erased", item.message.erasure_id, n)
+        return HandlerResult()
+
+    async def _optouts(
+        self, batch: list[Incoming[OptOutRecorded]], session: AsyncSession, now: datetime
+    ) -> None:
         ids = [i.message.invitation_id for i in batch if i.message.invitation_id]
         contacts = {
             (s.invitation_id, s.channel): s.contact
@@ -146,4 +182,3 @@ class OptOutHandler:
                 }
             )
         await repository.suppress(session, rows, reason="opted out", now=now)
-        return HandlerResult()

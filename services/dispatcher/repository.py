@@ -7,10 +7,12 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, tuple_, update
+from pydantic import SecretStr
+from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import upsert_insert
+from services.common.erasure import contact_hash, customer_hash, is_hash
 from services.dispatcher.models import OptOut, Receipt, Send
 
 CUSTOMER_PREFIX = "customer:"
@@ -215,15 +217,31 @@ async def suppress(
         await cancel_to(session, keys, reason=reason, now=now)
 
 
-async def opted_out(session: AsyncSession, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Which of these (channel, contact or ``customer:<id>``) keys have opted out."""
-    wanted = list(set(keys))
-    if not wanted:
+def hashed_key(salt: SecretStr | str, channel: str, contact: str) -> str:
+    """The opt-out key an erasure keeps: the salted hash of the contact point, or
+    ``customer:<hash of the id>`` for a whole customer."""
+    if contact.startswith(CUSTOMER_PREFIX):
+        customer = contact.removeprefix(CUSTOMER_PREFIX)
+        return contact if is_hash(customer) else customer_key(customer_hash(salt, customer))
+    return contact if is_hash(contact) else contact_hash(salt, channel, contact)
+
+
+async def opted_out(
+    session: AsyncSession,
+    keys: Iterable[tuple[str, str]],
+    salt: SecretStr | str | None = None,
+) -> set[tuple[str, str]]:
+    """Which of these (channel, contact or ``customer:<id>``) keys have opted out. With the
+    erasure ``salt``, a key also matches the hashed opt-out an erasure left of it."""
+    plain = {(c, k): (c, k) for c, k in set(keys)}
+    if salt is not None:
+        plain.update({(c, hashed_key(salt, c, k)): (c, k) for c, k in list(plain)})
+    if not plain:
         return set()
     stmt = select(OptOut.channel, OptOut.contact).where(
-        tuple_(OptOut.channel, OptOut.contact).in_(wanted)
+        tuple_(OptOut.channel, OptOut.contact).in_(list(plain))
     )
-    return {(c, k) for c, k in (await session.execute(stmt)).all()}
+    return {plain[(c, k)] for c, k in (await session.execute(stmt)).all()}
 
 
 async def unpublished_optouts(session: AsyncSession, limit: int) -> list[OptOut]:
@@ -286,3 +304,89 @@ async def mark_receipts_published(
             .where(tuple_(Receipt.provider, Receipt.event_id).in_(keys))
             .values(published_at=now)
         )
+
+
+# -- erasure --------------------------------------------------------------------------------------
+
+# What an erased send keeps of its customer in the stored invitation.
+_KEPT_CUSTOMER_FIELDS = ("locale", "timezone")
+
+
+def scrubbed_invitation(invitation: dict[str, Any], hashed: str) -> dict[str, Any]:
+    """The stored invitation without the customer's identity and contact points."""
+    customer = invitation.get("customer") or {}
+    kept = {k: customer[k] for k in _KEPT_CUSTOMER_FIELDS if customer.get(k) is not None}
+    context = {**(invitation.get("context") or {}), "case_id": None}
+    # The source's event id may embed the customer's (it was needed only to trace the event).
+    return {
+        **invitation,
+        "customer": {"id": hashed, **kept},
+        "context": context,
+        "event_id": "erased",
+    }
+
+
+async def erase_sends(
+    session: AsyncSession, sends: Sequence[Send], hashed: str, now: datetime
+) -> None:
+    """Cancel these sends if they have not started (reason ``erased``: never sent) and strip
+    them of the customer's identity: the contact point, the invitation's contact fields; the
+    customer id becomes its salted hash."""
+    await cancel(session, {s.invitation_id for s in sends}, reason="erased", now=now)
+    for s in sends:
+        s.contact = None
+        s.customer_id = hashed
+        s.invitation = scrubbed_invitation(s.invitation, hashed)
+    await session.flush()
+
+
+async def erase_customer(
+    session: AsyncSession, customer_id: str, salt: SecretStr | str, now: datetime
+) -> int:
+    """Forget a customer: every pending send and reminder is cancelled, every send loses the
+    contact point and identity, receipts lose the customer id, and the customer's opt-outs stay
+    only as salted hashes (so they still suppress the contact point). Idempotent. Returns the
+    number of sends erased."""
+    hashed = customer_hash(salt, customer_id)
+    sends = list(
+        (
+            await session.execute(select(Send).where(Send.customer_id.in_([customer_id, hashed])))
+        ).scalars()
+    )
+    contacts = {(s.channel, s.contact) for s in sends if s.contact}
+    await erase_sends(session, sends, hashed, now)
+    await session.execute(
+        update(Receipt).where(Receipt.customer_id == customer_id).values(customer_id=None)
+    )
+    whose = [
+        OptOut.customer_id == customer_id,
+        OptOut.contact == customer_key(customer_id),
+        *(and_(OptOut.channel == ch, OptOut.contact == c) for ch, c in contacts),
+    ]
+    optouts = list((await session.execute(select(OptOut).where(or_(*whose)))).scalars())
+    rows = []
+    for o in optouts:  # the contact is part of the primary key: delete and insert
+        rows.append(
+            {
+                "channel": o.channel,
+                "contact": hashed_key(salt, o.channel, o.contact),
+                "customer_id": None,
+                "invitation_id": o.invitation_id,
+                "survey_id": o.survey_id,
+                "source": o.source,
+                "reason": o.reason,
+                "optout_id": o.optout_id,
+                "created_at": o.created_at,
+                "published_at": o.published_at or now,
+            }
+        )
+    if optouts:
+        await session.execute(
+            delete(OptOut).where(
+                tuple_(OptOut.channel, OptOut.contact).in_(
+                    [(o.channel, o.contact) for o in optouts]
+                )
+            )
+        )
+        await add_optouts(session, rows)
+    return len(sends)

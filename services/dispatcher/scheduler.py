@@ -23,10 +23,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter, Gauge
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common import events
 from services.common.db import unit_of_work
+from services.common.erasure import DEV_ERASURE_SALT
 from services.common.events import DeliveryRecorded, InvitationRequested, OptOutRecorded, utcnow
 from services.common.faults import failpoint
 from services.common.kafka import Outgoing, Producer, is_transient
@@ -84,6 +86,7 @@ class Scheduler(Worker):
         sessions: async_sessionmaker[AsyncSession],
         producer: Producer,
         clock: Callable[[], datetime] = utcnow,
+        salt: SecretStr | None = None,
     ) -> None:
         super().__init__(settings.poll_seconds)
         self.settings = settings
@@ -93,6 +96,8 @@ class Scheduler(Worker):
         self.sessions = sessions
         self.producer = producer
         self.clock = clock
+        # KAIKU_ERASURE_SALT: an erased customer's opt-outs are salted hashes of the contact.
+        self.salt = salt or SecretStr(DEV_ERASURE_SALT)
         self._sem = asyncio.Semaphore(settings.send_concurrency)
         self._last_sweep = 0.0
 
@@ -157,7 +162,7 @@ class Scheduler(Worker):
             keys.add((s.channel, repository.customer_key(s.customer_id)))
             if s.contact:
                 keys.add((s.channel, s.contact))
-        opted = await repository.opted_out(session, keys)
+        opted = await repository.opted_out(session, keys, self.salt)
         updates, claimed = [], []
         for s in due:
             verdict = self._check(s, opted, now)

@@ -7,9 +7,9 @@ from fastapi import FastAPI
 
 from services.common import events
 from services.common.events import (
+    OPTOUT_MESSAGE,
     CloudEvent,
     DeliveryRecorded,
-    OptOutRecorded,
     ResponseSubmitted,
 )
 from services.common.http import bearer_auth
@@ -49,7 +49,12 @@ def create_app(
         "trigger",
         events.EVENTS,
         decode_event,
-        EventHandler(program, links, lookup_notes=lambda: enricher.notes),
+        EventHandler(
+            program,
+            links,
+            lookup_notes=lambda: enricher.notes,
+            salt=settings.erasure.erasure_salt,
+        ),
         prepare=enricher,
     )
     runtime.consume(
@@ -69,8 +74,8 @@ def create_app(
     runtime.consume(
         "trigger-optouts",
         events.OPTOUTS,
-        json_decoder(OptOutRecorded),
-        feedback.OptOutHandler(),
+        json_decoder(OPTOUT_MESSAGE),
+        feedback.OptOutHandler(settings.erasure.erasure_salt),
         group="optouts",
     )
 

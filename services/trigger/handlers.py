@@ -18,9 +18,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common import events
+from services.common.erasure import DEV_ERASURE_SALT, contact_hash, customer_hash
 from services.common.events import (
     CloudEvent,
     InvitationCancelled,
@@ -130,6 +132,8 @@ class EventHandler:
     clock: Callable[[], datetime] = utcnow
     # Why a contact look-up gave nothing, per event (set by the Enricher before each batch).
     lookup_notes: Callable[[], dict[EventKey, str]] = dict
+    # KAIKU_ERASURE_SALT: erased customers' opt-outs are kept as salted hashes.
+    salt: SecretStr = field(default_factory=lambda: SecretStr(DEV_ERASURE_SALT))
 
     async def __call__(
         self, batch: list[Incoming[CloudEvent]], session: AsyncSession
@@ -427,11 +431,17 @@ class EventHandler:
         cases = await repository.open_cases(session, ids)
         opted: dict[str, set[tuple[str | None, str]]] = defaultdict(set)
         contacts = {c: i.customer.id for i in invited if (c := _contact(i))}
-        for o in await repository.optouts(session, ids, sorted(contacts)):
-            whom = contacts.get(o.contact or "", o.customer_id)
-            opted[whom].add((o.contact, o.channel))
-            if o.contact is None or o.customer_id == whom:
-                opted[o.customer_id].add((o.contact, o.channel))
+        # An erased customer's opt-outs hold salted hashes: match those too, as plain values.
+        hashed = {contact_hash(self.salt, i.channel, c): c for i in invited if (c := _contact(i))}
+        erased = {customer_hash(self.salt, c): c for c in ids}
+        plain = {**hashed, **erased}
+        for o in await repository.optouts(session, [*ids, *erased], sorted({*contacts, *hashed})):
+            contact = plain.get(o.contact, o.contact) if o.contact else None
+            customer = plain.get(o.customer_id, o.customer_id)
+            whom = contacts.get(contact or "", customer)
+            opted[whom].add((contact, o.channel))
+            if contact is None or customer == whom:
+                opted[customer].add((contact, o.channel))
         states = {
             c: fatigue.CustomerState(
                 opted_out=frozenset(opted.get(c, ())),

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, or_, select, text, tuple_, update
+from pydantic import SecretStr
+from sqlalchemy import Table, bindparam, delete, func, or_, select, text, tuple_, update
 from sqlalchemy import insert as insert_stmt
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import upsert_insert
+from services.common.erasure import contact_hash, is_hash
 from services.trigger.models import Case, Customer, Decision, Invitation, OptOut, ProcessedEvent
 
 EventKey = tuple[str, str]
@@ -290,3 +292,54 @@ async def live_invitations(session: AsyncSession) -> list[Invitation]:
     """Every invitation not cancelled."""
     stmt = select(Invitation).where(Invitation.cancelled_at.is_(None))
     return list((await session.execute(stmt)).scalars())
+
+
+# -- erasure --------------------------------------------------------------------------------------
+
+
+async def erase_customer(
+    session: AsyncSession, customer_id: str, hashed: str, salt: SecretStr, now: datetime
+) -> list[Invitation]:
+    """Forget a customer (``hashed`` is the salted hash of the id): their memory, cases and
+    decision ledger are deleted; their invitations keep only what fatigue and quotas count (the
+    customer id becomes its hash, contact and case are emptied); what was published for their
+    events is dropped; their opt-outs keep the contact point and customer id as salted hashes.
+    Returns the invitations not yet sent, cancelled here (again, on a redelivery) so the caller
+    can tell the other services."""
+    ids = [customer_id, hashed]
+    pending = list(
+        (
+            await session.execute(
+                select(Invitation).where(
+                    Invitation.customer_id.in_(ids),
+                    Invitation.delivered_at.is_(None),
+                    Invitation.failed_at.is_(None),
+                    Invitation.responded_at.is_(None),
+                )
+            )
+        ).scalars()
+    )
+    await session.execute(
+        update(Invitation)
+        .where(Invitation.invitation_id.in_([p.invitation_id for p in pending]))
+        .where(Invitation.cancelled_at.is_(None))
+        .values(cancelled_at=now)
+    )
+    await session.execute(
+        update(Invitation)
+        .where(Invitation.customer_id == customer_id)
+        .values(customer_id=hashed, contact=None, case_id=None)
+    )
+    await session.execute(
+        update(ProcessedEvent)
+        .where(ProcessedEvent.customer_id == customer_id)
+        .values(customer_id=hashed, published=[])
+    )
+    for model in (Customer, Case, Decision):
+        await session.execute(delete(model).where(model.customer_id == customer_id))
+    for o in (await session.execute(select(OptOut).where(OptOut.customer_id.in_(ids)))).scalars():
+        o.customer_id = hashed
+        if o.contact is not None and not is_hash(o.contact):
+            o.contact = contact_hash(salt, o.channel, o.contact)
+    await session.flush()
+    return pending

@@ -86,7 +86,7 @@ async def test_event_to_email_to_answer_to_score(
         assert re.search(r'value="9" id="score-9" checked', page.text), "score 9 not selected"
         assert len(re.findall(r"<input[^>]* checked", page.text)) == 1
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
-        assert scores.json()["n"] == 0
+        assert scores.json()["rows"][0]["n"] == 0
 
         answer = await http.post(
             f"/s/{token}", data={"score": "9", "comment": "Nopea toimitus"}, follow_redirects=False
@@ -97,9 +97,17 @@ async def test_event_to_email_to_answer_to_score(
 
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
         assert scores.status_code == 200
-        body = scores.json()
+        (body,) = scores.json()["rows"]
         assert (body["metric"], body["n"], body["value"]) == ("nps", 1, 100.0)
         assert body["promoters"] == 1 and body["low_n"] is True
+        assert (body["responses"], body["suspected_bots"]) == (1, 0)
+
+        async def response_rate() -> float | None:
+            r = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
+            return r.json()["rows"][0]["response_rate"]  # type: ignore[no-any-return]
+
+        # One answer to one delivered invitation (the delivery report comes on its own topic).
+        assert await eventually(response_rate, what="the delivery in the response rate") == 1.0
 
         # The answer and the delivery went out on their topics, keyed by customer.
         responses = await read_topic(kafka, events.RESPONSES, expect=1)
@@ -113,7 +121,8 @@ async def test_event_to_email_to_answer_to_score(
         # Changing the answer: the last one counts, still one answer.
         await http.post(f"/s/{token}", data={"score": "3"})
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
-        assert (scores.json()["n"], scores.json()["value"]) == (1, -100.0)
+        (body,) = scores.json()["rows"]
+        assert (body["n"], body["value"], body["detractors"]) == (1, -100.0, 1)
     assert smtp_sink.count() == 1
 
 
@@ -177,4 +186,4 @@ async def test_unsubscribe_by_page_and_one_click_and_bad_links(
         assert "Linkki on vaurioitunut" in finnish.text
         assert (await http.post(f"/s/{tampered}", data={"score": "9"})).status_code == 400
         scores = await http.get("/v1/scores", params={"survey": "relationship-nps"}, headers=auth)
-        assert scores.json()["n"] == 0
+        assert scores.json()["rows"][0]["n"] == 0

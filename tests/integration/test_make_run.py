@@ -87,7 +87,7 @@ def test_make_run_walkthrough(tmp_path: Path) -> None:
                 f"http://127.0.0.1:{port}/v1/scores",
                 params={"survey": "relationship-nps"},
                 headers=auth,
-            ).json()
+            ).json()["rows"][0]
             assert (score["n"], score["value"]) == (1, 100.0)
             assert http.get(f"http://127.0.0.1:{port}/readyz").json()["ok"] is True
         children = subprocess.run(

@@ -1,0 +1,420 @@
+"""``GET /v1/scores`` on PostgreSQL and SQLite: the grouped rows summed from the cells equal a
+brute-force recount of the answers, and bad parameters get a 422 naming the field."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import yaml
+from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from services.collector import api, repository, scoring
+from services.collector.bots import local_day
+from services.collector.models import Base, Invitation, Response
+from services.common.config import DatabaseSettings
+from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.common.http import bearer_auth, install_error_handlers
+from services.common.program import Program, parse_program
+from tests.conftest import ROOT
+from tests.support import client
+
+TOKEN = "scores-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ZONE = ZoneInfo("Europe/Helsinki")
+FIRST_DAY = date(2026, 1, 1)
+DAYS = 120
+SEGMENT_VALUES = {
+    "touchpoint": ["delivery", "support", "billing", None],
+    "channel": ["email", "sms"],
+    "team": ["north", "south", "east", "west", None],
+    "agent": [f"agent-{i}" for i in range(8)] + [None],
+    "account_id": [f"acct-{i}" for i in range(5)] + [None],
+}
+SCALES = {"nps": (0, 10), "csat": (1, 5), "ces": (1, 7)}
+
+
+@pytest.fixture
+def program() -> Program:
+    """The local program and a CES survey."""
+    raw = yaml.safe_load((ROOT / "deploy/local/program.yaml").read_text())
+    raw["surveys"].append(
+        {"id": "effort-ces", "metric": "ces", "question": {"en": "How easy was it?"}, "target": 5}
+    )
+    return parse_program(yaml.safe_dump(raw), "test")
+
+
+@dataclass
+class Stack:
+    http: httpx.AsyncClient
+    db: DatabaseSettings
+    sessions: Any
+    program: Program
+
+
+@pytest.fixture
+async def stack(database: DatabaseSettings, program: Program) -> AsyncIterator[Stack]:
+    engine = create_engine(database)
+    await create_tables(engine, Base.metadata, database.schema_name)
+    sessions = create_sessionmaker(engine)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(
+        api.router(
+            program=program,
+            sessions=sessions,
+            auth=bearer_auth(SecretStr(TOKEN)),
+            min_n=30,
+            zone=ZONE,
+        )
+    )
+    async with client(app) as http:
+        yield Stack(http, database, sessions, program)
+    await engine.dispose()
+
+
+def at(rng: random.Random) -> datetime:
+    """A moment within the DAYS days, often near midnight (where UTC and local days differ)."""
+    day = FIRST_DAY + timedelta(days=rng.randrange(DAYS))
+    minute = rng.choice([rng.randrange(24 * 60), rng.randrange(0, 180), rng.randrange(1320, 1440)])
+    local = datetime.combine(day, datetime.min.time(), ZONE) + timedelta(minutes=minute)
+    return local.astimezone(UTC)
+
+
+async def fill(stack: Stack, answers: int, seed: int = 7) -> None:
+    """``answers`` invitations through the repository as the collector stores them: most
+    delivered, most answered, some answers changed, some skipped, some flagged as bots, some
+    alerted and contacted."""
+    rng = random.Random(seed)
+    surveys = [(s.id, s.metric) for s in stack.program.surveys]
+    for start in range(0, answers, 500):
+        async with unit_of_work(stack.sessions) as session:
+            invitations = []
+            for _ in range(start, min(start + 500, answers)):
+                survey_id, metric = rng.choice(surveys)
+                invitations.append(
+                    {
+                        "invitation_id": uuid.uuid4(),
+                        "token": uuid.uuid4().hex[:24],
+                        "survey_id": survey_id,
+                        "metric": metric,
+                        "customer_id": f"cust-{rng.randrange(10_000)}",
+                        "locale": "fi",
+                        "survey_channel": "email",
+                        "expires_at": datetime(2027, 1, 1, tzinfo=UTC),
+                        "created_at": datetime(2025, 12, 1, tzinfo=UTC),
+                        "case_id": None,
+                        **{k: rng.choice(v) for k, v in SEGMENT_VALUES.items()},
+                    }
+                )
+            await repository.store_invitations(session, invitations)
+            stored = (
+                (
+                    await session.execute(
+                        select(Invitation).where(
+                            Invitation.invitation_id.in_([i["invitation_id"] for i in invitations])
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            delivered = {}
+            for inv in stored:
+                if rng.random() < 0.9:
+                    sent = at(rng)
+                    delivered[inv.invitation_id] = (sent, local_day(sent, ZONE))
+            await repository.mark_delivered(session, delivered)
+            for inv in stored:
+                if rng.random() < 0.25:
+                    continue  # never answered
+                low, high = SCALES[inv.metric]
+                for _ in range(rng.choice([1, 1, 1, 2, 3])):  # changed answers: the last counts
+                    when = at(rng)
+                    score = None if rng.random() < 0.06 else rng.randint(low, high)
+                    bot = "too_fast" if rng.random() < 0.03 else None
+                    answer = await repository.save_response(
+                        session,
+                        inv,
+                        score=score,
+                        comment=None,
+                        now=when,
+                        day=local_day(when, ZONE),
+                        bot_reason=bot,
+                    )
+                if rng.random() < 0.03 and not answer.suspected_bot:
+                    await repository.flag_bot(session, answer, "trap")
+                if rng.random() < 0.1:
+                    answer.alerted_at = answer.submitted_at + timedelta(minutes=1)
+                    if rng.random() < 0.6:
+                        answer.contacted_at = answer.alerted_at + timedelta(
+                            minutes=rng.randrange(5, 5000)
+                        )
+            await session.flush()
+
+
+@dataclass
+class Group:
+    hist: dict[int, int] = field(default_factory=dict)
+    responses: int = 0
+    bots: int = 0
+    delivered: int = 0
+    alerts: int = 0
+    waits: list[float] = field(default_factory=list)
+
+
+def start_of(day: date, period: str) -> date | None:
+    if period == "none":
+        return None
+    if period == "week":
+        return day - timedelta(days=day.isoweekday() - 1)
+    if period == "month":
+        return date(day.year, day.month, 1)
+    return day
+
+
+async def recount(
+    stack: Stack, period: str, segments: list[str], since: date | None, until: date | None
+) -> dict[tuple[Any, ...], Group]:
+    """Every group recomputed from the answers and invitations themselves, no cells."""
+    async with unit_of_work(stack.sessions) as session:
+        answers = (await session.execute(select(Response))).scalars().all()
+        invitations = (await session.execute(select(Invitation))).scalars().all()
+    groups: dict[tuple[Any, ...], Group] = defaultdict(Group)
+
+    def key(row: Response | Invitation, day: date) -> tuple[Any, ...] | None:
+        if (since is not None and day < since) or (until is not None and day >= until):
+            return None
+        values = tuple(getattr(row, api.GROUPS[s]) for s in segments)
+        return (row.survey_id, start_of(day, period), values)
+
+    for r in answers:
+        k = key(r, r.day)
+        if k is None:
+            continue
+        g = groups[k]
+        if r.suspected_bot:
+            g.bots += 1
+        else:
+            g.responses += 1
+            if r.score is not None:
+                g.hist[r.score] = g.hist.get(r.score, 0) + 1
+        if r.alerted_at is not None:
+            g.alerts += 1
+            if r.contacted_at is not None:
+                g.waits.append((r.contacted_at - r.alerted_at).total_seconds() / 60)
+    for inv in invitations:
+        if inv.delivered_at is not None:
+            k = key(inv, local_day(inv.delivered_at, ZONE))
+            if k is not None:
+                groups[k].delivered += 1
+    return groups
+
+
+def previous_start(start: date, period: str) -> date:
+    if period == "day":
+        return start - timedelta(days=1)
+    if period == "week":
+        return start - timedelta(days=7)
+    return (start - timedelta(days=1)).replace(day=1)
+
+
+def check_row(row: dict[str, Any], g: Group, before: Group | None, metric: str) -> None:
+    s = scoring.score(metric, g.hist)
+    assert (row["n"], row["responses"], row["suspected_bots"], row["delivered"]) == (
+        s.n,
+        g.responses,
+        g.bots,
+        g.delivered,
+    )
+    for name in ("value", "ci_low", "ci_high"):
+        assert row[name] == pytest.approx(getattr(s, name)), name
+    if metric == "nps":
+        assert (row["promoters"], row["passives"], row["detractors"]) == (
+            s.promoters,
+            s.passives,
+            s.detractors,
+        )
+    else:
+        assert row["top_box"] == s.top_box
+    assert row["low_n"] is (s.n < 30)
+    rate = g.responses / g.delivered if g.delivered else None
+    assert row["response_rate"] == pytest.approx(rate)
+    assert row["alerts"] == g.alerts
+    assert row["loop_closure_rate"] == pytest.approx(len(g.waits) / g.alerts if g.alerts else None)
+    median = statistics.median(g.waits) if g.waits else None
+    assert row["median_minutes_to_contact"] == pytest.approx(median)
+    moved = scoring.change(metric, g.hist, before.hist if before else {})
+    assert row["previous"] == pytest.approx(moved.previous)
+    assert row["change"] == pytest.approx(moved.change)
+    assert row["p_value"] == pytest.approx(moved.p_value)
+
+
+COMBINATIONS = [
+    # period, group_by, from, to
+    ("none", [], None, None),
+    ("none", ["team"], "2026-02-01", "2026-03-01"),
+    ("none", ["touchpoint", "channel"], "2026-03-10", "2026-04-10"),
+    ("month", [], None, None),
+    ("month", ["team"], "2026-02-01", "2026-05-01"),
+    ("week", ["agent"], "2026-01-05", "2026-03-02"),
+    ("week", [], "2026-01-07", "2026-02-11"),  # widened to whole ISO weeks
+    ("day", ["account"], "2026-02-01", "2026-02-15"),
+    ("day", ["team", "agent"], "2026-03-01", "2026-03-04"),
+]
+
+
+async def test_grouped_rows_equal_a_recount_of_the_answers(
+    stack: Stack, database: DatabaseSettings
+) -> None:
+    await fill(stack, 2500)
+    metric = {s.id: s.metric for s in stack.program.surveys}
+    target = {s.id: s.target for s in stack.program.surveys}
+    tested = 0
+    for period, group_by, since, until in COMBINATIONS:
+        params: dict[str, Any] = {"period": period, "group_by": ",".join(group_by)}
+        if since:
+            params["from"] = since
+        if until:
+            params["to"] = until
+        r = await stack.http.get("/v1/scores", params=params, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        label = f"{period} {group_by} {since}..{until}"
+        lo, hi = body["from"], body["to"]
+        lo_day = date.fromisoformat(lo) if lo else None
+        hi_day = date.fromisoformat(hi) if hi else None
+        if period != "none" and since:  # widened to whole periods
+            assert lo_day == start_of(date.fromisoformat(since), period), label
+            assert hi_day is not None and start_of(hi_day, period) == hi_day, label
+        expected = await recount(stack, period, group_by, lo_day, hi_day)
+        if period == "none" and lo_day is not None and hi_day is not None:
+            earlier = await recount(stack, period, group_by, lo_day - (hi_day - lo_day), lo_day)
+        elif period == "none":  # all time: nothing before it to compare with
+            earlier = {}
+        else:
+            earlier = await recount(stack, period, group_by, None, hi_day)
+        got = {
+            (row["survey"], row["period_start"], tuple(row["group"][g] for g in group_by)): row
+            for row in body["rows"]
+        }
+        want = {
+            (k[0], None if k[1] is None else k[1].isoformat(), k[2]): g for k, g in expected.items()
+        }
+        if period == "none" and not group_by:
+            for s in stack.program.surveys:
+                want.setdefault((s.id, None, ()), Group())
+        assert set(got) == set(want), label
+        assert len(got) == len(body["rows"]), label
+        for k, row in got.items():
+            start = None if k[1] is None else date.fromisoformat(k[1])
+            before_key = (k[0], None if start is None else previous_start(start, period), k[2])
+            check_row(row, want[k], earlier.get(before_key), metric[k[0]])
+            assert row["target"] == target[k[0]]
+            assert row["metric"] == metric[k[0]]
+            tested += row["p_value"] is not None
+    assert tested > 100  # the changes were compared, not all left out
+    # The rows are not trivially empty: most answers were counted.
+    whole = (await stack.http.get("/v1/scores", headers=AUTH)).json()["rows"]
+    assert sum(row["n"] for row in whole) > 1500
+    assert sum(row["suspected_bots"] for row in whole) > 50
+    assert all(0 < row["response_rate"] < 1 for row in whole)
+
+
+async def test_survey_and_metric_filters(stack: Stack) -> None:
+    await fill(stack, 300, seed=3)
+    one = await stack.http.get("/v1/scores", params={"survey": "support-csat"}, headers=AUTH)
+    assert [row["survey"] for row in one.json()["rows"]] == ["support-csat"]
+    assert one.json()["rows"][0]["top_box"] is not None
+    two = await stack.http.get(
+        "/v1/scores", params=[("survey", "support-csat"), ("survey", "effort-ces")], headers=AUTH
+    )
+    assert [row["survey"] for row in two.json()["rows"]] == ["effort-ces", "support-csat"]
+    comma = await stack.http.get(
+        "/v1/scores", params={"survey": "support-csat,effort-ces"}, headers=AUTH
+    )
+    assert comma.json()["rows"] == two.json()["rows"]
+    nps = await stack.http.get("/v1/scores", params={"metric": "nps"}, headers=AUTH)
+    assert {row["metric"] for row in nps.json()["rows"]} == {"nps"}
+    assert nps.json()["time_zone"] == "Europe/Helsinki"
+
+
+async def test_a_survey_without_answers_has_an_empty_row(stack: Stack) -> None:
+    r = await stack.http.get(
+        "/v1/scores",
+        params={"survey": "relationship-nps", "from": "2026-01-01", "to": "2026-02-01"},
+        headers=AUTH,
+    )
+    assert r.status_code == 200
+    (row,) = r.json()["rows"]
+    assert (row["n"], row["value"], row["ci_low"], row["p_value"]) == (0, None, None, None)
+    assert (row["response_rate"], row["loop_closure_rate"], row["low_n"]) == (None, None, True)
+    assert row["target"] == 40
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "field"),
+    [
+        ({"from": "2026-13-01"}, 422, "from"),
+        ({"from": "yesterday"}, 422, "from"),
+        ({"to": "2026-02-30"}, 422, "to"),
+        ({"from": "2026-01-01T00:00:00Z"}, 422, "from"),
+        ({"from": "2026-02-01", "to": "2026-02-01"}, 422, "to"),
+        ({"from": "2026-03-01", "to": "2026-02-01"}, 422, "to"),
+        ({"period": "year"}, 422, "period"),
+        ({"group_by": "region"}, 422, "group_by"),
+        ({"group_by": "team,customer"}, 422, "group_by"),
+        ({"metric": "ces+"}, 422, "metric"),
+        ({"survey": "relationship-nps", "metric": "csat"}, 422, "metric"),
+        ({"survey": "no-such-survey"}, 404, "survey"),
+    ],
+)
+async def test_bad_parameters(
+    stack: Stack, params: dict[str, str], status: int, field: str
+) -> None:
+    r = await stack.http.get("/v1/scores", params=params, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field
+    assert r.json()["error"]["message"]
+
+
+async def test_bearer_token_required(stack: Stack) -> None:
+    r = await stack.http.get("/v1/scores")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+    wrong = await stack.http.get("/v1/scores", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+
+
+def test_openapi_documents_the_shape(program: Program) -> None:
+    app = FastAPI()
+    app.include_router(
+        api.router(program=program, sessions=None, auth=lambda: None, min_n=30)  # type: ignore[arg-type]
+    )
+    spec = app.openapi()
+    op = spec["paths"]["/v1/scores"]["get"]
+    assert {"200", "401", "404", "422"} <= set(op["responses"])
+    assert {p["name"] for p in op["parameters"]} == {
+        "survey",
+        "metric",
+        "from",
+        "to",
+        "period",
+        "group_by",
+    }
+    row = spec["components"]["schemas"]["ScoreRow"]["properties"]
+    assert {"p_value", "response_rate", "loop_closure_rate", "median_minutes_to_contact"} <= set(
+        row
+    )
+    assert "from" in spec["components"]["schemas"]["ScoresOut"]["properties"]
