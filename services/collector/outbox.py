@@ -109,6 +109,7 @@ class ResponseRelay(Worker):
     async def publish(self, limit: int = 500) -> int:
         """Publish one batch of each kind; returns the larger count (``limit`` means: more)."""
         async with unit_of_work(self.sessions) as session:
+            await repository.sweep_early_deliveries(session)
             rows = await repository.unpublished_responses(session, limit)
             optouts = await repository.unpublished_optouts(session, limit)
             erasures = await repository.unpublished_erasures(session, limit)

@@ -141,6 +141,22 @@ async def apply_early_deliveries(session: AsyncSession, ids: list[uuid.UUID]) ->
     await mark_delivered(session, {i: (at, day) for i, at, day in early})
 
 
+async def sweep_early_deliveries(session: AsyncSession, limit: int = 500) -> None:
+    """Count the waiting delivery reports whose invitation has arrived since. The consumers of
+    kaiku.invitations and kaiku.deliveries run concurrently: a report stored as early while its
+    invitation was being committed would otherwise wait for ever. The relay sweeps each round."""
+    ids = list(
+        (
+            await session.execute(
+                select(EarlyDelivery.invitation_id)
+                .where(EarlyDelivery.invitation_id.in_(select(Invitation.invitation_id)))
+                .limit(limit)
+            )
+        ).scalars()
+    )
+    await apply_early_deliveries(session, ids)
+
+
 async def store_invitations(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
         stmt = (
