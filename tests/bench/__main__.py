@@ -37,7 +37,7 @@ from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
 from services.trigger.ingress.generic import sign
 from services.trigger.models import Base as TriggerBase
-from tests.bench import dispatch, scores
+from tests.bench import dispatch, pages, scores
 from tests.bench.http import Served, requests_per_second
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,6 +318,11 @@ async def main(n: int) -> list[Figure]:
             finally:
                 await drop_schema(pg)
             figures.append(Figure(f"dispatcher_sends_{name}", rate, "sends/s", bare, "sends/s"))
+        pg = await pg_schema()
+        try:
+            figures.append(Figure(*await pages.survey_page(kafka, pg, max(1000, n // 5))))
+        finally:
+            await drop_schema(pg)
         # /v1/scores over KAIKU_BENCH_SCORE_ANSWERS answers (10M) beside count(*) of them.
         figures.extend(Figure(*result) for result in await scores.figures())
     finally:

@@ -51,14 +51,19 @@ class Served:
 
 
 async def requests_per_second(
-    base_url: str, make: Request, n: int, concurrency: int = 32, expect: int = 202
+    base_url: str,
+    make: Request,
+    n: int,
+    concurrency: int = 32,
+    expect: int = 202,
+    method: str = "POST",
 ) -> float:
-    """Send ``n`` POSTs built by ``make(i)``; every answer must be ``expect``."""
+    """Send ``n`` requests built by ``make(i)``; every answer must be ``expect``."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
         for i in range(min(50, n)):  # warm-up: connections, caches, the first batch
             path, headers, body = make(-1 - i)
-            await http.post(path, headers=headers, content=body)
+            await http.request(method, path, headers=headers, content=body)
         counter = iter(range(n))
         failures: list[int] = []
 
@@ -67,7 +72,7 @@ async def requests_per_second(
                 path, headers, body = make(i)
                 for attempt in range(3):  # a keep-alive connection closed under our feet
                     try:
-                        r = await http.post(path, headers=headers, content=body)
+                        r = await http.request(method, path, headers=headers, content=body)
                         break
                     except httpx.TransportError:
                         if attempt == 2:
