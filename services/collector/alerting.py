@@ -23,8 +23,7 @@ import random
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +36,7 @@ from services.collector.config import CollectorSettings
 from services.collector.models import AlertDelivery, Response
 from services.common.db import unit_of_work
 from services.common.events import utcnow
+from services.common.http import retry_after_seconds
 from services.common.kafka import is_transient
 from services.common.program import Program
 from services.common.runtime import Worker
@@ -116,20 +116,7 @@ def payload(delivery: AlertDelivery, response: Response) -> dict[str, Any]:
 
 def retry_after(answer: httpx.Response) -> float | None:
     """Seconds from a ``Retry-After`` header (seconds or an HTTP date), if any."""
-    value = answer.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return retry_after_seconds(answer.headers.get("retry-after"))
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
+from services.common.http import retry_after_seconds
 from services.dispatcher.channels import OutboundEmail, SendResult
 
 log = logging.getLogger(__name__)
@@ -33,20 +32,7 @@ def client(base_url: str, timeout: float, **kwargs: Any) -> httpx.AsyncClient:
 
 def retry_after(response: httpx.Response) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), if any."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return retry_after_seconds(response.headers.get("retry-after"))
 
 
 async def request(
