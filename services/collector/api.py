@@ -1,7 +1,9 @@
 """The collector's JSON API: scores (docs/scores.md).
 
-``GET /v1/scores`` reads the pre-aggregated cells only (sums grouped in SQL), never the answers
-one by one; the close-the-loop figures come from the few alerted answers.
+``GET /v1/scores`` reads pre-aggregated counts only (sums grouped in SQL), never the answers
+one by one: the per-segment roll-ups when it groups by at most one segment, the full cells
+otherwise (``repository.uses_rollups``); the close-the-loop figures come from the alerted
+answers.
 """
 
 from __future__ import annotations

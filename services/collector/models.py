@@ -172,6 +172,41 @@ class DeliveryCell(CellKey, Base):
     n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
 
 
+class RollupKey:
+    """The key of a roll-up: the cells summed over every segment but one (``dim``), by day or
+    by month. Declared in the order of the primary key, whose index makes a read of one
+    survey's roll-up of one segment over a range of days or months a range scan."""
+
+    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True, sort_order=-10)
+    # 'day': ``bucket`` is the day; 'month': the first day of the month.
+    grain: Mapped[str] = mapped_column(String(5), primary_key=True, sort_order=-9)
+    # '' (summed over every segment) or one of touchpoint, channel, team, agent, account_id.
+    dim: Mapped[str] = mapped_column(String(12), primary_key=True, sort_order=-8)
+    bucket: Mapped[date] = mapped_column(Date, primary_key=True, sort_order=-7)
+    # The segment's value: "" when ``dim`` is "" or the answer did not carry the segment.
+    value: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-6)
+
+
+class ScoreRollup(RollupKey, Base):
+    """``collector_score_cells`` summed per single segment (or none) and per day or month:
+    what ``/v1/scores`` reads when it groups by at most one segment. Kept in the same
+    transaction as the cells (``repository.count_answer``)."""
+
+    __tablename__ = "collector_score_rollups"
+
+    score: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    suspected_bot: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+
+
+class DeliveryRollup(RollupKey, Base):
+    """``collector_delivery_cells`` summed like ``collector_score_rollups``."""
+
+    __tablename__ = "collector_delivery_rollups"
+
+    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+
+
 class EarlyDelivery(Base):
     """A delivery report for an invitation the collector has not stored yet (the two arrive on
     different topics); applied when the invitation arrives."""

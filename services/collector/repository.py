@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.collector.models import (
     AlertDelivery,
     DeliveryCell,
+    DeliveryRollup,
     EarlyDelivery,
     Erasure,
     Hit,
@@ -34,6 +36,7 @@ from services.collector.models import (
     OptOut,
     Response,
     ScoreCell,
+    ScoreRollup,
 )
 from services.common.db import upsert_insert
 
@@ -58,29 +61,73 @@ def _score_key(r: Response) -> dict[str, Any]:
     }
 
 
-async def _add_to_cell(
-    session: AsyncSession, model: type[ScoreCell] | type[DeliveryCell], key: dict[str, Any], n: int
+# What one statement may carry: asyncpg and SQLite both refuse more than 32,767 parameters.
+_MAX_PARAMETERS = 30_000
+GRAINS = ("day", "month")
+CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[DeliveryRollup]
+
+
+def _rollup_keys(key: dict[str, Any]) -> list[dict[str, Any]]:
+    """The roll-up rows a cell counts in: per grain (the day, the month), one summed over every
+    segment (``dim`` "") and one per segment."""
+    day: date = key["day"]
+    rest = {k: v for k, v in key.items() if k not in SEGMENTS and k not in ("survey_id", "day")}
+    out = []
+    for grain, bucket in (("day", day), ("month", day.replace(day=1))):
+        base = {"survey_id": key["survey_id"], "grain": grain, "bucket": bucket}
+        out.append({**base, "dim": "", "value": "", **rest})
+        out.extend({**base, "dim": dim, "value": key[dim], **rest} for dim in SEGMENTS)
+    return out
+
+
+async def _add_to_cells(
+    session: AsyncSession, model: CellModel, deltas: list[tuple[dict[str, Any], int]]
 ) -> None:
-    stmt = upsert_insert(session)(model).values(**key, n=n)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(key), set_={"n": model.n + stmt.excluded.n}
-    )
-    await session.execute(stmt)
+    """Add each ``n`` to the row of its key, merged per key first (one INSERT must not touch a
+    key twice on PostgreSQL; a move within one row cancels out) and sorted (concurrent
+    transactions lock rows in the same order): one INSERT ... ON CONFLICT DO UPDATE."""
+    merged: dict[tuple[tuple[str, Any], ...], int] = defaultdict(int)
+    for key, n in deltas:
+        merged[tuple(sorted(key.items()))] += n
+    rows = [{**dict(k), "n": n} for k, n in sorted(merged.items()) if n]
+    if not rows:
+        return
+    size = max(1, _MAX_PARAMETERS // len(rows[0]))
+    for start in range(0, len(rows), size):
+        stmt = upsert_insert(session)(model).values(rows[start : start + size])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[k for k in rows[0] if k != "n"], set_={"n": model.n + stmt.excluded.n}
+        )
+        await session.execute(stmt)
+
+
+async def _add_to_cell(
+    session: AsyncSession,
+    cell: type[ScoreCell] | type[DeliveryCell],
+    deltas: list[tuple[dict[str, Any], int]],
+) -> None:
+    """Count ``n`` more (or fewer) in each cell key and in its roll-ups: one statement for the
+    cells and one for the roll-ups."""
+    rollup: CellModel = ScoreRollup if cell is ScoreCell else DeliveryRollup
+    await _add_to_cells(session, cell, deltas)
+    await _add_to_cells(session, rollup, [(r, n) for key, n in deltas for r in _rollup_keys(key)])
 
 
 async def count_answer(
     session: AsyncSession, before: dict[str, Any] | None, after: Response | None
 ) -> None:
-    """Move one answer between score cells: out of ``before`` (the cell key of its previous
-    revision, from ``score_cell_key``), into the cell of ``after``. Same transaction as the
-    answer, so the cells always equal a recount of the answers."""
+    """Move one answer between score cells (and their roll-ups): out of ``before`` (the cell
+    key of its previous revision, from ``score_cell_key``), into the cell of ``after``. Same
+    transaction as the answer, so the cells always equal a recount of the answers."""
     new = _score_key(after) if after is not None else None
     if before == new:
         return
+    deltas = []
     if before is not None:
-        await _add_to_cell(session, ScoreCell, before, -1)
+        deltas.append((before, -1))
     if new is not None:
-        await _add_to_cell(session, ScoreCell, new, 1)
+        deltas.append((new, 1))
+    await _add_to_cell(session, ScoreCell, deltas)
 
 
 def score_cell_key(r: Response) -> dict[str, Any]:
@@ -104,14 +151,14 @@ async def mark_delivered(
             )
         ).scalars()
     )
+    counted = []
     for inv in rows:
         if inv.delivered_at is not None:
             continue
         at, day = deliveries[inv.invitation_id]
         inv.delivered_at = at
-        await _add_to_cell(
-            session, DeliveryCell, {"survey_id": inv.survey_id, "day": day, **segment_key(inv)}, 1
-        )
+        counted.append(({"survey_id": inv.survey_id, "day": day, **segment_key(inv)}, 1))
+    await _add_to_cell(session, DeliveryCell, counted)
     early = deliveries.keys() - {inv.invitation_id for inv in rows}
     if early:
         stmt = upsert_insert(session)(EarlyDelivery).values(
@@ -635,17 +682,88 @@ class CellSums:
     bots: int
 
 
+def _next_month(day: date) -> date:
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+
+
+# (grain, first bucket or None, end bucket (exclusive) or None)
+RollupRange = tuple[str, date | None, date | None]
+
+
+def rollup_ranges(q: CellQuery) -> list[RollupRange]:
+    """Which roll-up rows cover days ``since <= day < until``: for a day or week period the
+    day grain; otherwise whole months from the month grain and the partial months at either
+    end from the day grain."""
+    if q.period in ("day", "week"):
+        return [("day", q.since, q.until)]
+    first = q.since if q.since is None or q.since.day == 1 else _next_month(q.since)
+    end = q.until if q.until is None else q.until.replace(day=1)
+    if first is not None and end is not None and first >= end:  # no whole month inside
+        return [("day", q.since, q.until)]
+    out: list[RollupRange] = []
+    if q.since is not None and first is not None and q.since < first:
+        out.append(("day", q.since, first))
+    out.append(("month", first, end))
+    if q.until is not None and end is not None and end < q.until:
+        out.append(("day", end, q.until))
+    return out
+
+
+def uses_rollups(q: CellQuery) -> bool:
+    """At most one segment: the roll-ups answer. Two or more: the full cells (slower: at a
+    high cardinality there are about as many cells as answers)."""
+    return len(q.segments) <= 1
+
+
+def _rollup_query(
+    session: AsyncSession, model: type[ScoreRollup] | type[DeliveryRollup], q: CellQuery
+) -> tuple[list[Any], list[ColumnElement[bool]]]:
+    """The group keys and the filter of a read of the roll-ups, laid out like the cells'
+    (survey, period start, segment value)."""
+    for column in q.segments:
+        if column not in SEGMENTS:
+            raise ValueError(f"not a segment: {column}")
+    ranges = rollup_ranges(q)
+    keys: list[Any] = [model.survey_id]
+    if q.period != "none":
+        aligned = q.period == "day" or all(grain == "month" for grain, _, _ in ranges)
+        bucket = model.bucket if aligned else period_start(session, model.bucket, q.period)
+        keys.append(bucket.label("period_start"))
+    keys.extend(model.value for _ in q.segments)
+    spans = []
+    for grain, first, end in ranges:
+        span: list[ColumnElement[bool]] = [model.grain == grain]
+        if first is not None:
+            span.append(model.bucket >= first)
+        if end is not None:
+            span.append(model.bucket < end)
+        spans.append(and_(*span))
+    where = [
+        model.survey_id.in_(q.surveys),
+        model.dim == (q.segments[0] if q.segments else ""),
+        or_(*spans) if len(spans) > 1 else spans[0],
+    ]
+    return keys, where
+
+
 async def score_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, CellSums]]:
-    """Each group's histogram summed from the score cells in SQL, one row per group (a
-    column per score value), whatever the number of answers."""
-    keys = _cell_keys(session, ScoreCell, q)
-    person = ScoreCell.suspected_bot.is_(False)
+    """Each group's histogram summed in SQL, one row per group (a column per score value),
+    whatever the number of answers: from the roll-ups for at most one segment, else from the
+    cells."""
+    model: type[ScoreCell] | type[ScoreRollup]
+    if uses_rollups(q):
+        model = ScoreRollup
+        keys, where = _rollup_query(session, ScoreRollup, q)
+    else:
+        model = ScoreCell
+        keys, where = _cell_keys(session, ScoreCell, q), _cell_where(ScoreCell, q)
+    person = model.suspected_bot.is_(False)
     columns = [
-        func.sum(case((and_(person, ScoreCell.score == value), ScoreCell.n), else_=0))
+        func.sum(case((and_(person, model.score == value), model.n), else_=0))
         for value in SCORE_VALUES
     ]
-    bots = func.sum(case((ScoreCell.suspected_bot.is_(True), ScoreCell.n), else_=0))
-    stmt = select(*keys, bots, *columns).where(*_cell_where(ScoreCell, q)).group_by(*keys)
+    bots = func.sum(case((model.suspected_bot.is_(True), model.n), else_=0))
+    stmt = select(*keys, bots, *columns).where(*where).group_by(*keys)
     out = []
     for row in (await session.execute(stmt)).all():
         counts = row[len(keys) + 1 :]
@@ -656,10 +774,16 @@ async def score_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[Cel
 
 
 async def delivery_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, int]]:
-    """(group, delivered invitations) summed from the delivery cells in SQL."""
-    keys = _cell_keys(session, DeliveryCell, q)
-    stmt = select(*keys, func.sum(DeliveryCell.n)).where(*_cell_where(DeliveryCell, q))
-    stmt = stmt.group_by(*keys)
+    """(group, delivered invitations) summed in SQL, from the roll-ups or the cells (as
+    ``score_cell_sums``)."""
+    model: type[DeliveryCell] | type[DeliveryRollup]
+    if uses_rollups(q):
+        model = DeliveryRollup
+        keys, where = _rollup_query(session, DeliveryRollup, q)
+    else:
+        model = DeliveryCell
+        keys, where = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
+    stmt = select(*keys, func.sum(model.n)).where(*where).group_by(*keys)
     return [
         (_group(row, q), int(row[-1])) for row in (await session.execute(stmt)).all() if row[-1]
     ]

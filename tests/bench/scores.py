@@ -24,6 +24,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.collector import api
 from services.collector.models import Base
+from services.collector.repository import SEGMENTS, CellQuery
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.http import bearer_auth, install_error_handlers
@@ -100,6 +102,36 @@ FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 """
 
+# What repository._add_to_cell keeps beside the cells: per survey, day and one segment (or
+# none), then per month from the days.
+ROLLUP_DAYS = """
+INSERT INTO {table} (survey_id, grain, dim, bucket, value{extra}, n)
+SELECT survey_id, 'day', '{dim}', day, {value}{extra}, sum(n)
+FROM {cells}
+GROUP BY survey_id, day{group}{extra}
+"""
+ROLLUP_MONTHS = """
+INSERT INTO {table} (survey_id, grain, dim, bucket, value{extra}, n)
+SELECT survey_id, 'month', dim, date_trunc('month', bucket::timestamp)::date, value{extra}, sum(n)
+FROM {table}
+WHERE grain = 'day'
+GROUP BY survey_id, dim, date_trunc('month', bucket::timestamp)::date, value{extra}
+"""
+ROLLUPS = (
+    ("collector_score_rollups", "collector_score_cells", ", score, suspected_bot"),
+    ("collector_delivery_rollups", "collector_delivery_cells", ""),
+)
+
+# What the month-by-account request reads, for its plan.
+EXPLAIN_ACCOUNTS = """
+EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
+SELECT bucket, value, score, suspected_bot, sum(n)
+FROM collector_score_rollups
+WHERE survey_id = 'relationship-nps' AND grain = 'month' AND dim = 'account_id'
+  AND bucket >= date '2024-12-01' AND bucket < date '2026-01-01'
+GROUP BY 1, 2, 3, 4
+"""
+
 # The same figures computed from the answers, without the cells (the contrast).
 FROM_ANSWERS = """
 SELECT date_trunc('month', day::timestamp)::date AS month, {column}, score, suspected_bot,
@@ -149,22 +181,48 @@ async def fill(engine: AsyncEngine, answers: int) -> None:
             await conn.execute(text(definition))
         await conn.execute(text(FILL_SCORE_CELLS))
         await conn.execute(text(FILL_DELIVERY_CELLS))
+        for table, cells_table, extra in ROLLUPS:
+            for dim in ("", *SEGMENTS):
+                value = dim or "''"
+                await conn.execute(
+                    text(
+                        ROLLUP_DAYS.format(
+                            table=table,
+                            cells=cells_table,
+                            dim=dim,
+                            value=value,
+                            group=f", {dim}" if dim else "",
+                            extra=extra,
+                        )
+                    )
+                )
+            await conn.execute(text(ROLLUP_MONTHS.format(table=table, extra=extra)))
     autocommit = await engine.connect()
     try:
         conn = await autocommit.execution_options(isolation_level="AUTOCOMMIT")
-        for table in ("collector_responses", "collector_score_cells", "collector_delivery_cells"):
+        tables = ("collector_responses", "collector_score_cells", "collector_delivery_cells")
+        for table in (*tables, *(t for t, _, _ in ROLLUPS)):
             await conn.execute(text(f"VACUUM ANALYZE {table}"))
         cells = (await conn.execute(text("SELECT count(*) FROM collector_score_cells"))).scalar()
+        rollups = (
+            await conn.execute(
+                text("SELECT grain, count(*) FROM collector_score_rollups GROUP BY 1 ORDER BY 1")
+            )
+        ).all()
+        plan = (await conn.execute(text(EXPLAIN_ACCOUNTS))).scalars().all()
     finally:
         await autocommit.close()
     print(
-        f"scores bench: {answers:,} answers and {cells:,} score cells loaded in "
+        f"scores bench: {answers:,} answers, {cells:,} score cells and "
+        f"{', '.join(f'{n:,} {grain}' for grain, n in rollups)} score roll-ups loaded in "
         f"{time.perf_counter() - started:.0f} s",
         flush=True,
     )
+    print("scores bench: plan of the month-by-account roll-up read:", *plan, sep="\n  ")
 
 
-async def figures(answers: int = ANSWERS) -> list[Result]:
+async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]:
+    """The figures; ``echo`` prints each as soon as it is measured."""
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(PG_URL)
     async with admin.begin() as conn:
@@ -174,12 +232,13 @@ async def figures(answers: int = ANSWERS) -> list[Result]:
     try:
         await create_tables(engine, Base.metadata, schema)
         await fill(engine, answers)
+        sessions = create_sessionmaker(engine)
         app = FastAPI()
         install_error_handlers(app)
         app.include_router(
             api.router(
                 program=program(),
-                sessions=create_sessionmaker(engine),
+                sessions=sessions,
                 auth=bearer_auth(SecretStr(TOKEN)),
                 min_n=30,
             )
@@ -192,12 +251,14 @@ async def figures(answers: int = ANSWERS) -> list[Result]:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT count(*) FROM collector_responses"))
 
-        def scores(group: str) -> Callable[[], Awaitable[None]]:
+        def scores(
+            group: str, period: str = "month", since: str = "2025-01-01", until: str = "2026-01-01"
+        ) -> Callable[[], Awaitable[None]]:
             params = {
                 "survey": "relationship-nps",
-                "from": "2025-01-01",
-                "to": "2026-01-01",
-                "period": "month",
+                "from": since,
+                "to": until,
+                "period": period,
                 "group_by": group,
             }
 
@@ -217,29 +278,40 @@ async def figures(answers: int = ANSWERS) -> list[Result]:
 
             return run
 
+        def reads(group: str) -> Callable[[], Awaitable[None]]:
+            """The request's database reads alone (score and delivery sums, alerts)."""
+            q = CellQuery(
+                ("relationship-nps",),
+                date(2024, 12, 1),
+                date(2026, 1, 1),
+                "month",
+                (api.GROUPS[group],),
+            )
+
+            async def run() -> None:
+                async with sessions() as session:
+                    await api._sums(session, q)
+
+            return run
+
         size = f"{answers / 1e6:g}M"
         baseline = await timed(count)
         results: list[Result] = []
-        for group in ("team", "agent"):
-            results.append(
-                (
-                    f"scores_{size}_month_by_{group}",
-                    await timed(scores(group)),
-                    "ms",
-                    baseline,
-                    "ms",
-                )
-            )
-            results.append(
-                (
-                    f"scores_{size}_month_by_{group}_from_answers",
-                    await timed(from_answers(group), runs=3),
-                    "ms",
-                    baseline,
-                    "ms",
-                )
-            )
-        results.append((f"scores_{size}_count_again", await timed(count), "ms", baseline, "ms"))
+
+        def add(name: str, value: float) -> None:
+            results.append((f"scores_{size}_{name}", value, "ms", baseline, "ms"))
+            if echo:
+                print(line(results[-1]), flush=True)
+
+        for group in ("team", "agent", "account"):
+            add(f"month_by_{group}", await timed(scores(group)))
+        add("month_by_account_reads_only", await timed(reads("account")))
+        add("none_partial_months", await timed(scores("", "none", "2025-01-15", "2025-12-15")))
+        add("none_one_year", await timed(scores("", "none")))
+        add("day_by_team_one_month", await timed(scores("team", "day", "2025-06-01", "2025-07-01")))
+        add("month_by_team_agent_cells", await timed(scores("team,agent"), runs=3))
+        add("month_by_team_from_answers", await timed(from_answers("team"), runs=3))
+        add("count_again", await timed(count))
         await http.aclose()
         return results
     finally:
@@ -259,5 +331,4 @@ def line(result: Result) -> str:
 
 
 if __name__ == "__main__":
-    for result in asyncio.run(figures()):
-        print(line(result), flush=True)
+    asyncio.run(figures(echo=True))

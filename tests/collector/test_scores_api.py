@@ -3,6 +3,7 @@ brute-force recount of the answers, and bad parameters get a 422 naming the fiel
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import uuid
@@ -22,7 +23,15 @@ from sqlalchemy import select
 
 from services.collector import api, repository, scoring
 from services.collector.bots import local_day
-from services.collector.models import Base, Invitation, Response
+from services.collector.models import (
+    Base,
+    DeliveryCell,
+    DeliveryRollup,
+    Invitation,
+    Response,
+    ScoreCell,
+    ScoreRollup,
+)
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
 from services.common.http import bearer_auth, install_error_handlers
@@ -35,7 +44,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ZONE = ZoneInfo("Europe/Helsinki")
 FIRST_DAY = date(2026, 1, 1)
 DAYS = 120
-SEGMENT_VALUES = {
+SEGMENT_VALUES: dict[str, list[str | None]] = {
     "touchpoint": ["delivery", "support", "billing", None],
     "channel": ["email", "sms"],
     "team": ["north", "south", "east", "west", None],
@@ -272,6 +281,22 @@ COMBINATIONS = [
     ("week", [], "2026-01-07", "2026-02-11"),  # widened to whole ISO weeks
     ("day", ["account"], "2026-02-01", "2026-02-15"),
     ("day", ["team", "agent"], "2026-03-01", "2026-03-04"),
+    # The roll-ups (at most one segment): partial months at both ends (day grain) around
+    # whole months (month grain), one end open, no whole month at all, each segment.
+    ("none", [], "2026-01-10", "2026-03-20"),
+    ("none", ["touchpoint"], "2026-01-10", "2026-04-05"),
+    ("none", ["channel"], "2026-01-31", "2026-02-02"),
+    ("none", ["agent"], "2026-02-15", None),
+    ("none", ["account"], None, "2026-03-15"),
+    ("none", ["team"], "2026-01-01", "2026-04-01"),
+    ("month", ["account"], None, None),
+    ("month", ["channel"], "2026-01-20", "2026-03-10"),
+    ("month", ["touchpoint"], "2026-02-01", None),
+    ("week", ["channel"], None, "2026-02-01"),
+    ("day", ["touchpoint"], "2026-01-30", "2026-02-03"),
+    # Two or more segments: the full cells.
+    ("none", ["account", "team"], "2026-01-10", "2026-03-20"),
+    ("month", ["touchpoint", "channel", "team"], None, None),
 ]
 
 
@@ -297,10 +322,12 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
         hi_day = date.fromisoformat(hi) if hi else None
         if period != "none" and since:  # widened to whole periods
             assert lo_day == start_of(date.fromisoformat(since), period), label
+        if period != "none" and until:
             assert hi_day is not None and start_of(hi_day, period) == hi_day, label
         expected = await recount(stack, period, group_by, lo_day, hi_day)
-        if period == "none" and lo_day is not None and hi_day is not None:
-            earlier = await recount(stack, period, group_by, lo_day - (hi_day - lo_day), lo_day)
+        if period == "none" and lo_day is not None:  # `to` defaults to tomorrow
+            end = hi_day or datetime.now(ZONE).date() + timedelta(days=1)
+            earlier = await recount(stack, period, group_by, lo_day - (end - lo_day), lo_day)
         elif period == "none":  # all time: nothing before it to compare with
             earlier = {}
         else:
@@ -330,6 +357,102 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
     assert sum(row["n"] for row in whole) > 1500
     assert sum(row["suspected_bots"] for row in whole) > 50
     assert all(0 < row["response_rate"] < 1 for row in whole)
+
+
+async def test_rollups_equal_the_cells(stack: Stack) -> None:
+    """Every roll-up row is the sum of the cells it covers (changed answers, bots and
+    deliveries moved them around), for each grain and each segment."""
+    await fill(stack, 800, seed=11)
+    async with unit_of_work(stack.sessions) as session:
+        pairs: list[tuple[Any, Any, tuple[str, ...]]] = [
+            (ScoreCell, ScoreRollup, ("score", "suspected_bot")),
+            (DeliveryCell, DeliveryRollup, ()),
+        ]
+        for cell, rollup, extra in pairs:
+            want: dict[tuple[Any, ...], int] = defaultdict(int)
+            for c in (await session.execute(select(cell))).scalars():
+                for grain, bucket in (("day", c.day), ("month", c.day.replace(day=1))):
+                    for dim in ("", *repository.SEGMENTS):
+                        value = getattr(c, dim) if dim else ""
+                        rest = tuple(getattr(c, e) for e in extra)
+                        want[(c.survey_id, grain, dim, bucket, value, *rest)] += c.n
+            got = {
+                (
+                    r.survey_id,
+                    r.grain,
+                    r.dim,
+                    r.bucket,
+                    r.value,
+                    *(getattr(r, e) for e in extra),
+                ): r.n
+                for r in (await session.execute(select(rollup))).scalars()
+            }
+            assert {k: n for k, n in got.items() if n} == {k: n for k, n in want.items() if n}
+            assert sum(want.values()) > 1000
+
+
+@pytest.mark.parametrize(
+    ("period", "since", "until", "ranges"),
+    [
+        ("day", date(2026, 1, 5), None, [("day", date(2026, 1, 5), None)]),
+        ("week", None, None, [("day", None, None)]),
+        (
+            "month",
+            date(2026, 1, 1),
+            date(2026, 3, 1),
+            [("month", date(2026, 1, 1), date(2026, 3, 1))],
+        ),
+        ("none", None, None, [("month", None, None)]),
+        (
+            "none",
+            date(2026, 1, 10),
+            date(2026, 3, 20),
+            [
+                ("day", date(2026, 1, 10), date(2026, 2, 1)),
+                ("month", date(2026, 2, 1), date(2026, 3, 1)),
+                ("day", date(2026, 3, 1), date(2026, 3, 20)),
+            ],
+        ),
+        (
+            "none",
+            date(2026, 1, 10),
+            date(2026, 2, 20),
+            [("day", date(2026, 1, 10), date(2026, 2, 20))],
+        ),
+        (
+            "none",
+            date(2026, 1, 10),
+            date(2026, 1, 20),
+            [("day", date(2026, 1, 10), date(2026, 1, 20))],
+        ),
+        (
+            "none",
+            date(2026, 1, 10),
+            None,
+            [("day", date(2026, 1, 10), date(2026, 2, 1)), ("month", date(2026, 2, 1), None)],
+        ),
+        (
+            "none",
+            None,
+            date(2026, 3, 20),
+            [("month", None, date(2026, 3, 1)), ("day", date(2026, 3, 1), date(2026, 3, 20))],
+        ),
+        (
+            "none",
+            date(2026, 1, 1),
+            date(2026, 2, 1),
+            [("month", date(2026, 1, 1), date(2026, 2, 1))],
+        ),
+    ],
+)
+def test_rollup_ranges(
+    period: str, since: date | None, until: date | None, ranges: list[Any]
+) -> None:
+    q = repository.CellQuery(("s",), since, until, period, ("team",))
+    assert repository.rollup_ranges(q) == ranges
+    # No gap and no overlap: each range ends where the next begins.
+    assert (ranges[0][1], ranges[-1][2]) == (since, until)
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(ranges))
 
 
 async def test_survey_and_metric_filters(stack: Stack) -> None:
