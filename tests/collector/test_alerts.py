@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -19,9 +19,8 @@ from starlette.responses import Response as HttpResponse
 
 from services.collector import alerting, alerts
 from services.collector.config import CollectorSettings
-from services.collector.models import AlertDelivery, Base, Response
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.collector.models import AlertDelivery, Response
+from services.common.db import unit_of_work
 from services.common.program import AlertRule, Program, ProgramError, parse_program
 from services.common.webhooks import WebhookRequest, standard_secret_key, verify_standard
 from tests.vendor_api import LocalApi
@@ -208,14 +207,6 @@ def program_with(webhooks: list[dict[str, Any]]) -> Program:
     raw = yaml.safe_load(BASE)
     raw.update(extra)
     return Program.model_validate(raw)
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 @pytest.fixture

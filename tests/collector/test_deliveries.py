@@ -5,28 +5,17 @@ invitation, or while the invitation is being stored by the other consumer."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository
-from services.collector.models import Base, DeliveryCell, EarlyDelivery, Invitation
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.collector.models import DeliveryCell, EarlyDelivery, Invitation
+from services.common.db import unit_of_work
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = date(2026, 11, 20)
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 def invitation(invitation_id: uuid.UUID, team: str = "billing") -> dict[str, object]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
-import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -20,8 +19,7 @@ from services.collector.erasure import erase
 from services.collector.models import Base, Erasure, Invitation, OptOut, Response, ScoreCell
 from services.collector.outbox import ResponseRelay
 from services.common import events
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.common.db import unit_of_work
 from services.common.erasure import customer_hash
 from services.common.events import OPTOUT_MESSAGE, CustomerErased, OptOutRecorded
 from services.common.kafka import Outgoing
@@ -41,14 +39,6 @@ class Captured:
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         self.messages.extend(messages)
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 async def cells(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[object, ...]]:

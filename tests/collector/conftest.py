@@ -1,0 +1,21 @@
+"""Fixtures of the collector's tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.collector.models import Base
+from services.common.config import DatabaseSettings
+from services.common.db import create_engine, create_sessionmaker, create_tables
+
+
+@pytest.fixture
+async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """The collector's tables in the test's database (PostgreSQL schema or SQLite file)."""
+    engine = create_engine(database)
+    await create_tables(engine, Base.metadata, database.schema_name)
+    yield create_sessionmaker(engine)
+    await engine.dispose()
