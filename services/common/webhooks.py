@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import Request
+from pydantic import SecretStr
 
 from services.common.http import ApiError, read_body
 
@@ -83,6 +84,15 @@ def signing_keys(secret: str) -> list[bytes]:
     """The HMAC keys of a secret setting that may list several, comma-separated (a vendor that
     gives each webhook its own secret, or a rotation in progress)."""
     return [part.strip().encode() for part in secret.split(",") if part.strip()]
+
+
+def required_signing_keys(secret: SecretStr | None, setting: str, why: str = "") -> list[bytes]:
+    """The keys of a secret setting a receiver cannot work without; a ValueError naming the
+    setting (and ``why``) when it is unset or empty."""
+    keys = signing_keys(secret.get_secret_value()) if secret is not None else []
+    if not keys:
+        raise ValueError(f"{setting} is not set{why}")
+    return keys
 
 
 def require_fresh(timestamp: float, now: datetime, tolerance: float, what: str) -> None:

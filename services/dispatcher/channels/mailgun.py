@@ -105,8 +105,8 @@ from services.common.webhooks import (
     json_body,
     malformed,
     require_fresh,
+    required_signing_keys,
     same,
-    signing_keys,
     unauthorized,
 )
 from services.dispatcher.channels import (
@@ -311,15 +311,12 @@ class MailgunReceipts:
     CONTENT_TYPES: ClassVar[tuple[str, ...]] = ("application/json",)
 
     def __init__(self, settings: MailgunSettings) -> None:
-        key = settings.webhook_signing_key
-        keys = signing_keys(key.get_secret_value()) if key is not None else []
-        if not keys:
-            raise ValueError(
-                "mailgun receipts need KAIKU_MAILGUN_WEBHOOK_SIGNING_KEY (the HTTP webhook "
-                "signing key): unsigned events are refused"
-            )
+        self._keys = required_signing_keys(
+            settings.webhook_signing_key,
+            "KAIKU_MAILGUN_WEBHOOK_SIGNING_KEY",
+            " (the HTTP webhook signing key): unsigned events are refused",
+        )
         self.settings = settings
-        self._keys = keys
 
     def verify(self, request: WebhookRequest) -> None:
         try:

@@ -49,7 +49,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
-from services.common.webhooks import hmac_digest, require_fresh, same, signing_keys
+from services.common.webhooks import hmac_digest, require_fresh, required_signing_keys, same
 from services.trigger.ingress import (
     Contact,
     LookupFailed,
@@ -116,11 +116,7 @@ class Intercom:
     PASS_THROUGH_TYPES: ClassVar[bool] = False
 
     def __init__(self, settings: IntercomSettings) -> None:
-        if settings.webhook_secret is None:
-            raise ValueError("KAIKU_INTERCOM_WEBHOOK_SECRET is not set")
-        self._keys = signing_keys(settings.webhook_secret.get_secret_value())
-        if not self._keys:
-            raise ValueError("KAIKU_INTERCOM_WEBHOOK_SECRET is empty")
+        self._keys = required_signing_keys(settings.webhook_secret, "KAIKU_INTERCOM_WEBHOOK_SECRET")
         self.settings = settings
 
     def verify(self, request: WebhookRequest) -> None:

@@ -63,7 +63,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import CloudEvent
-from services.common.webhooks import b64, hmac_digest, require_fresh, same, signing_keys
+from services.common.webhooks import b64, hmac_digest, require_fresh, required_signing_keys, same
 from services.trigger.ingress import (
     Contact,
     LookupFailed,
@@ -146,11 +146,7 @@ class Zendesk:
     PASS_THROUGH_TYPES: ClassVar[bool] = False
 
     def __init__(self, settings: ZendeskSettings) -> None:
-        if settings.webhook_secret is None:
-            raise ValueError("KAIKU_ZENDESK_WEBHOOK_SECRET is not set")
-        self._keys = signing_keys(settings.webhook_secret.get_secret_value())
-        if not self._keys:
-            raise ValueError("KAIKU_ZENDESK_WEBHOOK_SECRET is empty")
+        self._keys = required_signing_keys(settings.webhook_secret, "KAIKU_ZENDESK_WEBHOOK_SECRET")
         self.settings = settings
 
     def verify(self, request: WebhookRequest) -> None:
