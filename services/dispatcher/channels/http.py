@@ -87,6 +87,28 @@ def redact_numbers(text: str, limit: int = 200) -> str:
     return _PHONE_LIKE.sub("<number>", " ".join(text.split()))[:limit]
 
 
+# The headers of the rendered email that the HTTP email APIs (SendGrid, Mailgun) carry as custom
+# headers: the rest of the message is rebuilt by the provider from the request's fields.
+PASSED_HEADERS = (
+    "Message-ID",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "Auto-Submitted",
+    "X-Kaiku-Invitation",
+)
+_FOLD = re.compile(r"\r?\n[ \t]*")
+
+
+def passed_headers(message: OutboundEmail) -> list[tuple[str, str]]:
+    """The ``PASSED_HEADERS`` the email has, each unfolded to one line."""
+    found = []
+    for name in PASSED_HEADERS:
+        value = header(message, name)
+        if value is not None and value.strip():
+            found.append((name, _FOLD.sub(" ", value).strip()))
+    return found
+
+
 def header(message: OutboundEmail, name: str) -> str | None:
     """A header of the email, by case-insensitive name."""
     for key, value in message.headers.items():

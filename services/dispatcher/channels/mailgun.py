@@ -124,17 +124,8 @@ log = logging.getLogger(__name__)
 
 PROVIDER = "mailgun"
 
-# The headers of the rendered message that Mailgun adds as ``h:`` custom headers.
-PASSED_HEADERS = (
-    "Message-ID",
-    "List-Unsubscribe",
-    "List-Unsubscribe-Post",
-    "Auto-Submitted",
-    "X-Kaiku-Invitation",
-)
 _INVALID_RECIPIENT = re.compile(r"\bto\b.{0,12}\bis not a valid address", re.IGNORECASE)
 _TRY_AGAIN = re.compile(r"try again after (\d{1,6}) seconds", re.IGNORECASE)
-_FOLD = re.compile(r"\r?\n[ \t]*")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 _MAX_REASON = 300
 
@@ -165,10 +156,8 @@ def form_fields(message: OutboundEmail) -> list[tuple[str, str]]:
         fields.append(("text", message.text))
     if message.html:
         fields.append(("html", message.html))
-    for name in PASSED_HEADERS:
-        value = channel_http.header(message, name)
-        if value is not None and value.strip():
-            fields.append((f"h:{name}", _FOLD.sub(" ", value).strip()))
+    # The rendered message's own headers, as Mailgun's ``h:`` custom headers.
+    fields.extend((f"h:{name}", value) for name, value in channel_http.passed_headers(message))
     fields.append(("v:invitation_id", message.invitation_id))
     return fields
 

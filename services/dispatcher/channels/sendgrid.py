@@ -139,14 +139,6 @@ PROVIDER = "sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 
-# The headers of the rendered message that SendGrid carries as custom headers.
-PASSED_HEADERS = (
-    "Message-ID",
-    "List-Unsubscribe",
-    "List-Unsubscribe-Post",
-    "Auto-Submitted",
-    "X-Kaiku-Invitation",
-)
 # "You may not override the following headers" (Mail Send, ``headers``).
 RESERVED_HEADERS = frozenset(
     name.lower()
@@ -168,7 +160,6 @@ RESERVED_HEADERS = frozenset(
 # The error ``field`` of a refused recipient: the docs' ``personalizations.to``; the indexed
 # form (``personalizations.0.to.0.email``) is not in the docs but matched too.
 _RECIPIENT_FIELD = re.compile(r"^personalizations(?:\.\d+)?\.to(?:\.|$)")
-_FOLD = re.compile(r"\r?\n[ \t]*")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 _MAX_REASON = 300
 
@@ -189,13 +180,11 @@ def mail_body(message: OutboundEmail) -> dict[str, Any]:
     sender: dict[str, str] = {"email": sender_address}
     if sender_name:
         sender["name"] = sender_name
-    headers: dict[str, str] = {}
-    for name in PASSED_HEADERS:
-        if name.lower() in RESERVED_HEADERS:
-            continue
-        value = channel_http.header(message, name)
-        if value is not None and value.strip():
-            headers[name] = _FOLD.sub(" ", value).strip()
+    headers = {
+        name: value
+        for name, value in channel_http.passed_headers(message)
+        if name.lower() not in RESERVED_HEADERS
+    }
     content = [
         {"type": kind, "value": value}
         for kind, value in (("text/plain", message.text), ("text/html", message.html))
