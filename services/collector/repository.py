@@ -38,7 +38,7 @@ from services.collector.models import (
     ScoreCell,
     ScoreRollup,
 )
-from services.common.db import upsert_insert
+from services.common.db import claim_oldest, upsert_insert
 
 CONTEXT_FIELDS = ("touchpoint", "channel", "team", "agent", "account_id", "case_id")
 # The segments scores can be grouped by (the key of the pre-aggregated cells besides the day).
@@ -339,14 +339,9 @@ async def has_optout(session: AsyncSession, invitation_id: uuid.UUID) -> bool:
 
 
 async def unpublished_optouts(session: AsyncSession, limit: int) -> list[OptOut]:
-    stmt = (
-        select(OptOut)
-        .where(OptOut.published_at.is_(None))
-        .order_by(OptOut.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return await claim_oldest(
+        session, OptOut, OptOut.published_at.is_(None), order_by=OptOut.created_at, limit=limit
     )
-    return list((await session.execute(stmt)).scalars())
 
 
 async def mark_optouts_published(
@@ -359,14 +354,14 @@ async def mark_optouts_published(
 
 
 async def unpublished_responses(session: AsyncSession, limit: int) -> list[Response]:
-    stmt = (
-        select(Response)
-        .where(Response.published_at.is_(None), Response.erased_at.is_(None))
-        .order_by(Response.submitted_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return await claim_oldest(
+        session,
+        Response,
+        Response.published_at.is_(None),
+        Response.erased_at.is_(None),
+        order_by=Response.submitted_at,
+        limit=limit,
     )
-    return list((await session.execute(stmt)).scalars())
 
 
 async def mark_responses_published(
@@ -434,14 +429,9 @@ async def add_erasure(session: AsyncSession, row: dict[str, Any]) -> None:
 
 
 async def unpublished_erasures(session: AsyncSession, limit: int) -> list[Erasure]:
-    stmt = (
-        select(Erasure)
-        .where(Erasure.published_at.is_(None))
-        .order_by(Erasure.requested_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return await claim_oldest(
+        session, Erasure, Erasure.published_at.is_(None), order_by=Erasure.requested_at, limit=limit
     )
-    return list((await session.execute(stmt)).scalars())
 
 
 async def mark_erasures_published(

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, MetaData, event, text
+from sqlalchemy import ColumnElement, DateTime, MetaData, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -26,6 +26,8 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
 
 from services.common.config import DatabaseSettings
+
+Row = TypeVar("Row")
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,25 @@ def upsert_insert(session: AsyncSession) -> Any:
     SQLite's): every repository's idempotent writes go through it."""
     dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+async def claim_oldest(
+    session: AsyncSession,
+    model: type[Row],
+    *where: ColumnElement[bool],
+    order_by: Any,
+    limit: int,
+) -> list[Row]:
+    """Up to ``limit`` rows of ``model`` matching ``where``, oldest first, locked with
+    ``FOR UPDATE SKIP LOCKED``: the outbox relays of several replicas take different rows."""
+    stmt = (
+        select(model)
+        .where(*where)
+        .order_by(order_by)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

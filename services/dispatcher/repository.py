@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from sqlalchemy import and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.db import upsert_insert
+from services.common.db import claim_oldest, upsert_insert
 from services.common.erasure import contact_hash, customer_hash, is_hash
 from services.dispatcher.models import OptOut, Receipt, Send
 
@@ -245,14 +245,9 @@ async def opted_out(
 
 
 async def unpublished_optouts(session: AsyncSession, limit: int) -> list[OptOut]:
-    stmt = (
-        select(OptOut)
-        .where(OptOut.published_at.is_(None))
-        .order_by(OptOut.created_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return await claim_oldest(
+        session, OptOut, OptOut.published_at.is_(None), order_by=OptOut.created_at, limit=limit
     )
-    return list((await session.execute(stmt)).scalars())
 
 
 async def mark_optouts_published(
@@ -285,14 +280,9 @@ async def add_receipts(session: AsyncSession, rows: list[dict[str, Any]]) -> lis
 
 
 async def unpublished_receipts(session: AsyncSession, limit: int) -> list[Receipt]:
-    stmt = (
-        select(Receipt)
-        .where(Receipt.published_at.is_(None))
-        .order_by(Receipt.received_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return await claim_oldest(
+        session, Receipt, Receipt.published_at.is_(None), order_by=Receipt.received_at, limit=limit
     )
-    return list((await session.execute(stmt)).scalars())
 
 
 async def mark_receipts_published(
