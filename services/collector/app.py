@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.collector import alerting, api, dashboard, erasure, links, responses
-from services.collector.bots import reporting_zone
-from services.collector.config import CollectorSettings
+from services.collector.config import CollectorSettings, reporting_zone
 from services.collector.handlers import DeliveryHandler, InvitationHandler
 from services.collector.models import Base
 from services.collector.outbox import ResponseRelay
@@ -29,6 +28,7 @@ def create_app(
     settings = (settings or CommonSettings()).with_database("collector")
     collector = collector or CollectorSettings()
     program = program or load_program(settings.program.program)
+    zone = reporting_zone(collector, program)
     runtime = Runtime(
         name="collector", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
@@ -43,7 +43,7 @@ def create_app(
         "collector-deliveries",
         events.DELIVERIES,
         json_decoder(DeliveryRecorded),
-        DeliveryHandler(reporting_zone(collector, program)),
+        DeliveryHandler(zone),
         group="deliveries",
     )
     runtime.add_worker("response-relay", relay.run, relay.stop)
@@ -66,6 +66,7 @@ def create_app(
             pages=Pages(collector.template_dir),
             sessions=runtime.sessions,
             settings=collector,
+            zone=zone,
             on_change=answered,
         )
     )
@@ -75,7 +76,7 @@ def create_app(
             sessions=runtime.sessions,
             auth=bearer_auth(settings.http.api_token),
             min_n=collector.min_n,
-            zone=reporting_zone(collector, program),
+            zone=zone,
         )
     )
     app.include_router(
@@ -98,7 +99,7 @@ def create_app(
             program=program,
             sessions=runtime.sessions,
             token=settings.http.api_token,
-            zone=reporting_zone(collector, program),
+            zone=zone,
             min_n=collector.min_n,
             changes=changes,
             session_hours=collector.dashboard_session_hours,

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
 from services.collector.config import CollectorSettings
 from services.collector.models import Hit, Invitation
-from services.common.program import Program
 
 REASONS = ("too_fast", "trap", "burst")
 
@@ -60,12 +58,3 @@ class BotRules:
         if len(recent) >= self.burst_scores:
             return "burst"
         return None
-
-
-def reporting_zone(settings: CollectorSettings, program: Program) -> ZoneInfo:
-    """The time zone whose days, weeks and months the scores are reported in."""
-    return ZoneInfo(settings.timezone or program.defaults.timezone or "UTC")
-
-
-def local_day(at: datetime, zone: ZoneInfo) -> date:
-    return at.astimezone(zone).date()

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from datetime import date, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.events import TimeZone
+from services.common.program import Program
 
 
 class CollectorSettings(BaseSettings):
@@ -32,3 +35,13 @@ class CollectorSettings(BaseSettings):
     alert_poll_seconds: float = 2.0
     # How long a dashboard sign-in lasts.
     dashboard_session_hours: float = 12.0
+
+
+def reporting_zone(settings: CollectorSettings, program: Program) -> ZoneInfo:
+    """The time zone whose days, weeks and months the scores are reported in."""
+    return ZoneInfo(settings.timezone or program.defaults.timezone or "UTC")
+
+
+def local_day(at: datetime, zone: ZoneInfo) -> date:
+    """The reporting day of a moment: what answers and deliveries are counted under."""
+    return at.astimezone(zone).date()

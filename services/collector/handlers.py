@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector import repository
+from services.collector.config import local_day
 from services.common.events import (
     DeliveryRecorded,
     InvitationCancelled,
@@ -74,6 +75,6 @@ class DeliveryHandler:
             if d.kind != "invitation" or d.status not in ("sent", "delivered"):
                 continue
             if d.invitation_id not in first or d.occurred_at < first[d.invitation_id][0]:
-                first[d.invitation_id] = (d.occurred_at, d.occurred_at.astimezone(self.zone).date())
+                first[d.invitation_id] = (d.occurred_at, local_day(d.occurred_at, self.zone))
         await repository.mark_delivered(session, first)
         return HandlerResult()

@@ -13,13 +13,14 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import parse_qs, quote
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import alerting, bots, repository
-from services.collector.config import CollectorSettings
+from services.collector.config import CollectorSettings, local_day
 from services.collector.models import Invitation
 from services.collector.pages import Pages, pick_locale
 from services.common.db import unit_of_work
@@ -77,12 +78,12 @@ def router(
     pages: Pages,
     sessions: async_sessionmaker[AsyncSession],
     settings: CollectorSettings,
+    zone: ZoneInfo,
     on_change: Callable[[], None],
     clock: Callable[[], datetime] = utcnow,
 ) -> APIRouter:
     api = APIRouter()
     default_locale = program.defaults.locale
-    reporting = bots.reporting_zone(settings, program)
     rules = bots.BotRules.of(settings)
 
     def message(kind: str, status: int, locale: str | None = None) -> HTMLResponse:
@@ -207,7 +208,7 @@ def router(
                     score=score,
                     comment=comment,
                     now=now,
-                    day=bots.local_day(now, reporting),
+                    day=local_day(now, zone),
                     bot_reason=reason,
                 )
                 await alerting.record(session, program, saved, now)

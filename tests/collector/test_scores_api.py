@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from services.collector import api, repository, scoring
-from services.collector.bots import local_day
+from services.collector.config import local_day
 from services.collector.models import (
     Base,
     DeliveryCell,
