@@ -11,9 +11,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, DateTime, MetaData, event, select, text
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    DateTime,
+    MetaData,
+    bindparam,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -104,6 +114,19 @@ def upsert_insert(session: AsyncSession) -> Any:
     SQLite's): every repository's idempotent writes go through it."""
     dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def one_of(session: AsyncSession, column: Any, values: Any) -> ColumnElement[bool]:
+    """``column IN values``. On PostgreSQL it is ``column IN (SELECT unnest($1))`` with the
+    values as one array parameter: one bind and one cached statement whatever the number of
+    values (an expanding ``IN`` renders a placeholder per value on every execution), and the
+    planner joins the values against an index instead of comparing each row with every value
+    (``= ANY($1)`` is a linear scan of the array per row). SQLite gets the plain ``IN``."""
+    values = list(values)
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        unnested = select(func.unnest(bindparam(None, values, ARRAY(column.type))))
+        return cast(ColumnElement[bool], column.in_(unnested))
+    return cast(ColumnElement[bool], column.in_(values))
 
 
 async def claim_oldest(

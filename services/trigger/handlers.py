@@ -68,8 +68,18 @@ class _Pending:
     channel: str = "email"
     delivered_at: datetime | None = None
     responded_at: datetime | None = None
+    _touch: fatigue.Touch | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        self.cancelled, self._touch = True, None
 
     def touch(self) -> fatigue.Touch:
+        """What fatigue counts of it (made once: every event of the account reads it)."""
+        if self._touch is None:
+            self._touch = self._make_touch()
+        return self._touch
+
+    def _make_touch(self) -> fatigue.Touch:
         return fatigue.Touch(
             customer_id=self.customer_id,
             account_id=self.account_id,
@@ -143,14 +153,8 @@ class EventHandler:
         for item in batch:  # the first copy of an event in a batch counts
             unique.setdefault((item.message.source, item.message.id), item.message)
         publish: list[Outgoing] = []
-        seen = await repository.processed(session, list(unique))
-        for key in seen:
-            log.info(
-                "event %s from %s was processed before: publishing its result again", key[1], key[0]
-            )
-            publish.extend(_restored(i) for i in seen[key])
-
-        fresh = {k: e for k, e in unique.items() if k not in seen}
+        # Claim first: an event whose marker was already there (handled before, or by another
+        # consumer at this moment) publishes again what was stored for it.
         won = await repository.mark_processed(
             session,
             [
@@ -162,15 +166,20 @@ class EventHandler:
                     "processed_at": now,
                     "published": [],
                 }
-                for e in fresh.values()
+                for e in unique.values()
             ],
         )
-        lost = [k for k in fresh if k not in won]
-        if lost:  # another consumer handled these concurrently: publish what it stored
-            again = await repository.processed(session, lost)
-            for key in lost:
-                publish.extend(_restored(i) for i in again.get(key, []))
-        mine = [e for k, e in fresh.items() if k in won]
+        seen = [k for k in unique if k not in won]
+        if seen:
+            stored = await repository.processed(session, seen)
+            for key in seen:
+                log.info(
+                    "event %s from %s was processed before: publishing its result again",
+                    key[1],
+                    key[0],
+                )
+                publish.extend(_restored(i) for i in stored.get(key, []))
+        mine = [e for k, e in unique.items() if k in won]
         if not mine:
             return HandlerResult(publish=publish)
 
@@ -294,7 +303,7 @@ class EventHandler:
         cancelled: list[Any] = []
 
         def cancel(p: _Pending, event: CloudEvent, reason: str, out: list[Outgoing]) -> None:
-            p.cancelled = True
+            p.cancel()
             cancelled.append(p.invitation_id)
             out.append(
                 Outgoing(

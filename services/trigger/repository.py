@@ -8,15 +8,16 @@ from datetime import datetime
 from typing import Any, cast
 
 from pydantic import SecretStr
-from sqlalchemy import Table, bindparam, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, text, tuple_, union, update
 from sqlalchemy import insert as insert_stmt
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.db import upsert_insert
+from services.common.db import one_of, upsert_insert
 from services.common.erasure import contact_hash, is_hash
 from services.trigger.models import Case, Customer, Decision, Invitation, OptOut, ProcessedEvent
 
 EventKey = tuple[str, str]
+AnyRow = Row[*tuple[Any, ...]]  # a result row, read by column name
 
 
 async def processed(
@@ -97,6 +98,25 @@ async def lock_keys(session: AsyncSession, keys: Sequence[str]) -> None:
     )
 
 
+# The columns fatigue and coalescing read: plain rows, not ORM objects (the hot path loads a few
+# thousand per batch).
+HISTORY_COLUMNS = (
+    Invitation.invitation_id,
+    Invitation.customer_id,
+    Invitation.trigger_id,
+    Invitation.survey_id,
+    Invitation.case_id,
+    Invitation.send_at,
+    Invitation.created_at,
+    Invitation.cancelled_at,
+    Invitation.account_id,
+    Invitation.contact,
+    Invitation.channel,
+    Invitation.delivered_at,
+    Invitation.responded_at,
+)
+
+
 async def recent_invitations(
     session: AsyncSession,
     *,
@@ -105,29 +125,27 @@ async def recent_invitations(
     contacts: Sequence[str] = (),
     since: datetime,
     now: datetime,
-) -> list[Invitation]:
+) -> list[AnyRow]:
     """Invitations of these customers, accounts or contact points created (or to be sent) since
     ``since``, or still pending: the history fatigue limits and coalescing look at."""
     if not customers:
         return []
-    who = [Invitation.customer_id.in_(list(customers))]
-    if accounts:
-        who.append(Invitation.account_id.in_(list(accounts)))
-    if contacts:
-        who.append(Invitation.contact.in_(list(contacts)))
-    stmt = (
-        select(Invitation)
-        .where(
-            or_(*who),
-            or_(
-                Invitation.created_at >= since,
-                Invitation.send_at >= since,
-                Invitation.send_at > now,
-            ),
-        )
-        .order_by(Invitation.created_at)
+    recent = or_(
+        Invitation.created_at >= since,
+        Invitation.send_at >= since,
+        Invitation.send_at > now,
     )
-    return list((await session.execute(stmt)).scalars())
+    # One SELECT per key, so each is a join of the values against that key's index (an OR of
+    # the three would scan the table), and their UNION (an invitation may match several).
+    keys = [(Invitation.customer_id, customers), (Invitation.account_id, accounts)]
+    keys.append((Invitation.contact, contacts))
+    selects = [
+        select(*HISTORY_COLUMNS).where(one_of(session, column, values), recent)
+        for column, values in keys
+        if values
+    ]
+    stmt = union(*selects).order_by("created_at")
+    return list((await session.execute(stmt)).all())
 
 
 async def decisions_for(
@@ -149,7 +167,9 @@ async def add_invitations(session: AsyncSession, rows: list[dict[str, Any]]) -> 
 async def mark_cancelled(session: AsyncSession, ids: list[uuid.UUID], now: datetime) -> None:
     if ids:
         await session.execute(
-            update(Invitation).where(Invitation.invitation_id.in_(ids)).values(cancelled_at=now)
+            update(Invitation)
+            .where(one_of(session, Invitation.invitation_id, ids))
+            .values(cancelled_at=now)
         )
 
 
@@ -180,11 +200,16 @@ async def mark_unhappy(session: AsyncSession, rows: list[dict[str, Any]]) -> Non
     await session.execute(stmt)
 
 
-async def customers(session: AsyncSession, ids: Sequence[str]) -> dict[str, Customer]:
+async def customers(session: AsyncSession, ids: Sequence[str]) -> dict[str, AnyRow]:
+    """What the trigger remembers of these customers: time zone and last unhappy answer."""
     if not ids:
         return {}
-    rows = await session.execute(select(Customer).where(Customer.customer_id.in_(list(ids))))
-    return {c.customer_id: c for c in rows.scalars()}
+    rows = await session.execute(
+        select(Customer.customer_id, Customer.timezone, Customer.last_unhappy_at).where(
+            one_of(session, Customer.customer_id, ids)
+        )
+    )
+    return {c.customer_id: c for c in rows}
 
 
 async def update_cases(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
@@ -203,7 +228,9 @@ async def open_cases(session: AsyncSession, ids: Sequence[str]) -> dict[str, set
     if not ids:
         return {}
     rows = await session.execute(
-        select(Case.customer_id, Case.case_id).where(Case.customer_id.in_(list(ids)), Case.open)
+        select(Case.customer_id, Case.case_id).where(
+            one_of(session, Case.customer_id, ids), Case.open
+        )
     )
     found: dict[str, set[str]] = {}
     for customer_id, case_id in rows.all():
@@ -213,13 +240,17 @@ async def open_cases(session: AsyncSession, ids: Sequence[str]) -> dict[str, set
 
 async def optouts(
     session: AsyncSession, customer_ids: Sequence[str], contacts: Sequence[str]
-) -> list[OptOut]:
+) -> list[AnyRow]:
+    """Opt-outs (customer_id, contact, channel) of these customers or contact points."""
     if not customer_ids and not contacts:
         return []
-    stmt = select(OptOut).where(
-        or_(OptOut.customer_id.in_(list(customer_ids)), OptOut.contact.in_(list(contacts)))
+    stmt = select(OptOut.customer_id, OptOut.contact, OptOut.channel).where(
+        or_(
+            one_of(session, OptOut.customer_id, customer_ids),
+            one_of(session, OptOut.contact, contacts),
+        )
     )
-    return list((await session.execute(stmt)).scalars())
+    return list((await session.execute(stmt)).all())
 
 
 async def add_optouts(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
