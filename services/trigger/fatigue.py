@@ -17,6 +17,7 @@ of ``unknown_timezone_zones``: an unknown zone never leads to a night-time send.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -117,9 +118,10 @@ def counted_times(
 
 
 def _peak(times: Sequence[datetime], at: datetime, window: timedelta) -> int:
-    """The most surveys in any window (t - window, t] that would also hold one at ``at``."""
-    ends = [at] + [t for t in times if at <= t < at + window]
-    return max(sum(1 for t in times if end - window < t <= end) for end in ends)
+    """The most surveys in any window (t - window, t] that would also hold one at ``at``
+    (``times`` sorted): the windows ending at ``at`` and at each survey in [at, at + window)."""
+    ends = [at, *times[bisect_left(times, at) : bisect_left(times, at + window)]]
+    return max(bisect_right(times, end) - bisect_right(times, end - window) for end in ends)
 
 
 def bites(rule: FatigueRule, times: Sequence[datetime], at: datetime) -> bool:
