@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_tables
-from services.common.kafka import ConsumerLoop, ensure_topics
+from services.common.kafka import ConsumerLoop, Outgoing, ensure_topics
 from services.common.program import load_program
 from services.common.runtime import Runtime
 from services.common.tokens import LinkKeys
@@ -37,6 +37,7 @@ from services.trigger.decoding import decode_event
 from services.trigger.handlers import EventHandler
 from services.trigger.ingress.generic import sign
 from services.trigger.models import Base as TriggerBase
+from services.trigger.rules import evaluate
 from tests.bench import dispatch, pages, scores
 from tests.bench.http import Served, requests_per_second
 
@@ -166,6 +167,30 @@ async def trigger_loop(kafka: KafkaSettings, database: DatabaseSettings, n: int)
     return (n - first) / elapsed
 
 
+class _Record:
+    """Just what the decoder reads of a consumer record."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value, self.key, self.headers = value, None, []
+        self.topic, self.partition, self.offset = "bench", 0, 0
+
+
+def decode_and_rules(n: int) -> float:
+    """Events/s of the two per-event steps no database or broker is in: decoding and
+    validating the CloudEvent, and evaluating the rules into a signed invitation, serialized.
+    It bounds what any trigger loop in this process can reach."""
+    program = load_program(ROOT / "deploy/local/program.yaml")
+    links = LinkKeys.parse("0:bench-key-0123456789abcdef")
+    records = [_Record(event(i)) for i in range(n)]
+    started = time.perf_counter()
+    now = events.utcnow()
+    for record in records:
+        for outcome in evaluate(program, decode_event(record), now, links.issue):  # type: ignore[arg-type]
+            if outcome.invitation is not None:
+                Outgoing(events.INVITATIONS, "", outcome.invitation).encode()
+    return n / (time.perf_counter() - started)
+
+
 async def pg_schema() -> DatabaseSettings:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     engine = create_async_engine(PG_URL)
@@ -264,6 +289,11 @@ async def main(n: int) -> list[Figure]:
         )
         await preload(kafka, n)
         baseline = await bare_loop(kafka, n)
+        figures.append(
+            Figure(
+                "trigger_decode_and_rules", decode_and_rules(n), "events/s", baseline, "events/s"
+            )
+        )
         pg = await pg_schema()
         try:
             figures.append(
