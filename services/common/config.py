@@ -78,6 +78,11 @@ class HttpSettings(BaseSettings):
     # Largest request body accepted, in bytes.
     max_body_bytes: int = 1_048_576
     log_level: str = "INFO"
+    # KAIKU_SHUTDOWN_SECONDS: from SIGTERM to exit, below the pod's grace period (Kubernetes'
+    # default is 30 s, less any preStop). Half of it for HTTP requests in flight, three quarters
+    # (from the SIGTERM) for the consumers' batches in hand and the workers' rounds, the rest
+    # for flushing the producer and closing connections (docs/operations-shutdown.md).
+    shutdown_seconds: float = Field(default=20.0, ge=2.0)
 
 
 class LinkSettings(BaseSettings):

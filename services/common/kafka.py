@@ -15,12 +15,14 @@ headers, then is committed; a breaker stops the consumer when most of a window g
 deploy cannot drain a topic. Transient failures (database or broker unreachable) retry the batch
 with bounded exponential back-off. Anything else is a bug: the loop stops without committing and the
 service reports itself unhealthy, so the orchestrator restarts it from the last commit.
+
+Stopping (SIGTERM) takes no new batch, finishes the one in hand through its offset commit, then
+leaves the group, so the partitions' next owner starts after it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import ssl
@@ -47,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.common import events
 from services.common.config import KafkaSettings
 from services.common.db import unit_of_work
-from services.common.faults import failpoint
+from services.common.faults import afailpoint
 
 log = logging.getLogger(__name__)
 
@@ -347,15 +349,32 @@ class ConsumerLoop(Generic[M]):
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self.error is None
 
-    async def stop(self) -> None:
-        """Drain: finish the batch in hand, commit it, leave the group."""
+    def request_stop(self) -> None:
+        """Take no new batch; the one in hand is still finished and committed."""
         self._stopping.set()
+
+    async def stop(self, timeout: float | None = None) -> bool:
+        """Drain: finish the batch in hand, commit it, leave the group. A batch not finished
+        within ``timeout`` seconds is abandoned uncommitted: the partitions' next owner redoes
+        it, which the handlers' idempotency makes harmless. Returns whether it drained."""
+        self._stopping.set()
+        drained = True
         if self._task is not None:
-            with contextlib.suppress(BaseException):  # already in self.error, and logged
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not done:
+                drained = False
+                log.warning(
+                    "consumer %s: the batch in hand did not finish within %.1fs; abandoned "
+                    "uncommitted (the next owner redoes it)",
+                    self.name,
+                    timeout or 0.0,
+                )
+                self._task.cancel()
+                await asyncio.wait({self._task})
         if self._consumer is not None:
-            await self._consumer.stop()
+            await self._consumer.stop()  # leaves the group: its partitions move on at once
             self._consumer = None
+        return drained
 
     # -- the loop --------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -368,6 +387,8 @@ class ConsumerLoop(Generic[M]):
                 records = [r for rs in batches.values() for r in rs]
                 if not records:
                     continue
+                if self._stopping.is_set():
+                    break  # fetched during the stop, not started: the next owner takes it
                 started = time.perf_counter()
                 await self._process(records)
                 await self._commit(batches)
@@ -407,16 +428,18 @@ class ConsumerLoop(Generic[M]):
                 dead_letter(rejected.record, rejected.reason, consumer=self.name, error="Rejected")
             )
         self._breaker(len(records), len(dead))
-        failpoint(f"{self.name}.after_db_commit")
+        await afailpoint(f"{self.name}.after_db_commit")
         await self._publish(result.publish + dead)
-        failpoint(f"{self.name}.after_produce")
+        await afailpoint(f"{self.name}.after_produce")
         if dead:
             DEAD_LETTERED.labels(consumer=self.name).inc(len(dead))
 
     async def _handle(self, batch: list[Incoming[M]]) -> HandlerResult:
         async def once() -> HandlerResult:
             async with unit_of_work(self.sessions) as session:
-                return await self.handler(batch, session)
+                result = await self.handler(batch, session)
+                await afailpoint(f"{self.name}.before_db_commit")
+                return result
 
         return await self._retrying("handle", once)
 

@@ -1,11 +1,19 @@
 """A service's moving parts (engine, producer, consumer loops, background tasks) and their order
-of starting and stopping, shared by the three FastAPI apps' lifespans."""
+of starting and stopping, shared by the three FastAPI apps' lifespans.
+
+Stopping (docs/operations-shutdown.md) runs within ``shutdown_seconds`` of the SIGTERM:
+``begin_shutdown`` (at the signal) turns readiness false and lets no consumer take a new batch;
+``stop`` (the lifespan's end, once uvicorn has drained HTTP) asks the workers to finish their
+round, waits until ``drain_seconds`` for the consumers' batches in hand (committed, then the
+group left) and the workers, then closes the clients, flushes the producer and closes the pool.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -72,7 +80,11 @@ class Runtime:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.failed = asyncio.Event()
         self._closers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        # The whole shutdown, and the part of it for finishing work, both counted from the
+        # SIGTERM; serve.py derives both from KAIKU_SHUTDOWN_SECONDS.
+        self.shutdown_seconds = 20.0
         self.drain_seconds = 15.0
+        self._shutdown_began: float | None = None
 
     @property
     def group_prefix(self) -> str:
@@ -147,26 +159,98 @@ class Runtime:
             log.critical("%s: %s died: %r", self.name, task.get_name(), exc)
             self.failed.set()
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown_began is not None
+
+    def begin_shutdown(self) -> None:
+        """The shutdown's first step, at the SIGTERM: readiness turns false and no consumer
+        takes a new batch (the batches in hand go on). Idempotent; ``stop`` does the rest."""
+        if self._shutdown_began is not None:
+            return
+        self._shutdown_began = time.monotonic()
+        for loop in self.loops:
+            loop.request_stop()
+        log.info("%s: shutting down: not ready; no consumer takes a new batch", self.name)
+
+    def _left(self, seconds: float) -> float:
+        """Seconds until ``seconds`` after the shutdown began."""
+        assert self._shutdown_began is not None
+        return max(0.0, self._shutdown_began + seconds - time.monotonic())
+
     async def stop(self) -> None:
-        """Stop taking work, finish and commit what is in hand, then close connections."""
-        await asyncio.gather(*(loop.stop() for loop in self.loops), return_exceptions=True)
+        """Stop taking work, finish and commit what is in hand, then close connections: the
+        work within ``drain_seconds`` of the shutdown's start, everything within
+        ``shutdown_seconds``. What does not finish in time is cancelled: a consumer's batch
+        uncommitted (redone by the next owner, idempotently), a send in flight left in doubt."""
+        self.begin_shutdown()
+        assert self._shutdown_began is not None
+        drain = self._left(self.drain_seconds)
         for name, _run, stop in self._workers:
             task = self._tasks.get(name)
-            if task is None:
-                continue
-            if stop is not None:
-                stop()
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), self.drain_seconds)
-                except BaseException:  # noqa: S110 - cancelled below; errors already logged
-                    pass
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            if task is not None:
+                if stop is None:
+                    task.cancel()
+                else:
+                    stop()
+        log.info(
+            "%s: finishing what %d consumer(s) and %d worker(s) hold (%.1fs left)",
+            self.name,
+            len(self.loops),
+            len(self._tasks),
+            drain,
+        )
+        workers = asyncio.create_task(self._finish_workers(drain))
+        try:
+            drained = await asyncio.wait_for(
+                asyncio.gather(*(loop.stop(drain) for loop in self.loops), return_exceptions=True),
+                max(1.0, self._left(self.shutdown_seconds)),
+            )
+        except TimeoutError:
+            log.error("%s: the consumers did not leave their groups in time", self.name)
+            drained = []
+        finished = await workers
+        log.info(
+            "%s: %d of %d consumer(s) committed their batch in hand and left their group; "
+            "%d of %d worker(s) finished their round",
+            self.name,
+            sum(d is True for d in drained),
+            len(self.loops),
+            finished,
+            len(self._tasks),
+        )
         for close in self._closers:
-            await close()
-        await self.producer.stop()
-        await self.engine.dispose()
-        log.info("%s stopped", self.name)
+            await self._bounded(close(), "a client")
+        await self._bounded(self.producer.stop(), "the producer")  # flushes what is pending
+        await self._bounded(self.engine.dispose(), "the database pool")
+        log.info("%s: producer flushed, clients and database pool closed", self.name)
+        log.info("%s stopped in %.1fs", self.name, time.monotonic() - self._shutdown_began)
+
+    async def _finish_workers(self, timeout: float) -> int:
+        """Wait for the workers (already asked to stop) to finish their round; cancel those
+        still busy after ``timeout`` seconds. Returns how many finished."""
+        tasks = dict(self._tasks)
+        if not tasks:
+            return 0
+        _done, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+        for name, task in tasks.items():
+            if task in pending:
+                log.warning(
+                    "%s: worker %s did not finish its round within %.1fs; cancelled",
+                    self.name,
+                    name,
+                    timeout,
+                )
+                task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return sum(not t.cancelled() for t in tasks.values())
+
+    async def _bounded(self, closing: Coroutine[Any, Any, None], what: str) -> None:
+        """Close something within the shutdown budget (at least a second), logging a failure."""
+        try:
+            await asyncio.wait_for(closing, max(1.0, self._left(self.shutdown_seconds)))
+        except Exception as exc:  # the process is exiting: report and go on
+            log.warning("%s: closing %s failed: %r", self.name, what, exc)
 
     async def liveness(self) -> dict[str, bool]:
         checks = {f"consumer:{loop.name}": loop.healthy for loop in self.loops}
@@ -174,6 +258,8 @@ class Runtime:
         return checks
 
     async def readiness(self) -> dict[str, bool]:
+        if self.shutting_down:  # at once, so that the Service stops routing here
+            return {"accepting_work": False}
         database, broker = await asyncio.gather(ping(self.engine), self.producer.ping())
         return {"database": database, "broker": broker, **await self.liveness()}
 

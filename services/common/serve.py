@@ -1,13 +1,22 @@
 """Run one service under uvicorn, and exit non-zero when one of its consumers or workers dies,
-so the orchestrator restarts it from the last committed offset."""
+so the orchestrator restarts it from the last committed offset.
+
+On SIGTERM (or Ctrl+C) the service shuts down within ``KAIKU_SHUTDOWN_SECONDS`` and exits 0:
+readiness turns false and the consumers take no new batch at once; uvicorn stops accepting
+connections and finishes the requests in flight (half the budget at most); then the lifespan
+stops the runtime (docs/operations-shutdown.md). A second Ctrl+C skips the waiting.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextvars import Context
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -20,27 +29,66 @@ from services.common.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-async def _watch(runtimes: Sequence[Runtime], server: uvicorn.Server) -> None:
+def shutdown_budget(total: float) -> tuple[int, float]:
+    """Of a shutdown budget: the seconds uvicorn waits for requests in flight, and the seconds
+    from the signal by which the consumers and workers must have finished what they hold."""
+    return max(1, int(total * 0.5)), total * 0.75
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that a signal also starts the runtimes' shutdown at once, and is
+    not re-raised once the shutdown is done: a clean drain exits 0, not 143."""
+
+    def __init__(self, config: uvicorn.Config, runtimes: Sequence[Runtime], budget: float) -> None:
+        super().__init__(config)
+        self.runtimes = runtimes
+        self.budget = budget
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            if sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl+C: stop waiting for HTTP connections
+            return
+        self.should_exit = True
+        if self.loop is not None:  # a signal handler: hand over to the event loop, in a
+            # context of its own (not that of the task the signal interrupted, with its ids)
+            name = signal.Signals(sig).name
+            self.loop.call_soon_threadsafe(self.begin_shutdown, name, context=Context())
+
+    def begin_shutdown(self, why: str) -> None:
+        log.info("%s: shutting down within %gs", why, self.budget)
+        for runtime in self.runtimes:
+            runtime.begin_shutdown()
+
+
+async def _watch(runtimes: Sequence[Runtime], server: _Server) -> None:
     await asyncio.wait(
         [asyncio.create_task(r.failed.wait()) for r in runtimes],
         return_when=asyncio.FIRST_COMPLETED,
     )
     log.critical("a consumer or worker died: shutting down so the orchestrator restarts us")
     server.should_exit = True
+    server.begin_shutdown("a consumer or worker died")
 
 
 async def serve_app(app: Any, runtimes: Sequence[Runtime], http: HttpSettings) -> int:
+    http_seconds, drain_seconds = shutdown_budget(http.shutdown_seconds)
+    for runtime in runtimes:
+        runtime.shutdown_seconds = http.shutdown_seconds
+        runtime.drain_seconds = drain_seconds
     config = uvicorn.Config(
         app,
         host=http.host,
         port=http.port,
         log_config=None,
         lifespan="on",
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=http_seconds,
         proxy_headers=True,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, runtimes, http.shutdown_seconds)
+    server.loop = asyncio.get_running_loop()
     watcher = asyncio.create_task(_watch(runtimes, server))
     try:
         await server.serve()
@@ -48,7 +96,10 @@ async def serve_app(app: Any, runtimes: Sequence[Runtime], http: HttpSettings) -
         watcher.cancel()
     if any(r.failed.is_set() for r in runtimes):
         return 1
-    return 0 if server.started else 3
+    if server.started:
+        log.info("shut down cleanly")
+        return 0
+    return 3
 
 
 def _factory(name: str) -> Callable[[], FastAPI]:

@@ -4,6 +4,8 @@ A send goes pending → sending (committed before the provider is called) → se
 between the two commits leaves it in ``sending``; it is then marked ``in_doubt`` and never retried
 blindly, because a survey sent twice annoys more than one not sent. Transient provider errors put
 the send back to pending with exponential back-off and jitter, a bounded number of times.
+Asked to stop (SIGTERM), the scheduler finishes the sends in flight and records them, and
+releases the claimed sends it has not started (back to pending, for any replica's next round).
 
 At the moment of sending (in the claim's transaction, so nothing is ``sending`` that will not
 be sent) each due message is checked again: a contact point that opted out since it was
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,7 +32,7 @@ from services.common import events
 from services.common.db import unit_of_work
 from services.common.erasure import DEV_ERASURE_SALT
 from services.common.events import DeliveryRecorded, InvitationRequested, OptOutRecorded, utcnow
-from services.common.faults import failpoint
+from services.common.faults import afailpoint
 from services.common.kafka import Outgoing, Producer, is_transient
 from services.common.logging import bound
 from services.common.program import Program
@@ -65,6 +67,21 @@ HELD = Counter(
 )
 SEGMENTS = Counter("kaiku_sms_segments_total", "SMS segments sent (billed)", ["encoding"])
 LATENCY = Gauge("kaiku_last_send_delay_seconds", "Delay between send_at and the actual send")
+# Sends are delayed by design (a trigger's delay, quiet hours): seconds up to a week.
+EVENT_TO_SEND = Histogram(
+    "kaiku_event_to_send_seconds",
+    "From the event's time (else the invitation's request) to the provider accepting the "
+    "invitation; reminders are not counted",
+    ["channel"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400,
+             172800, 345600, 604800),
+)  # fmt: skip
+SEND_LAG = Histogram(
+    "kaiku_send_lag_seconds",
+    "From a message's planned send_at to the provider accepting it (how far sending runs late)",
+    ["channel", "kind"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400),
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,7 @@ class Scheduler(Worker):
         claimed: list[Send] = []
         async with unit_of_work(self.sessions) as session:
             due = await repository.due(session, now=now, limit=self.settings.claim_batch)
+            tried = {(s.invitation_id, s.kind): s.attempts for s in due}  # before the claim
             if due:
                 claimed = await self._claim(session, due, now)
         if not due:
@@ -145,13 +163,25 @@ class Scheduler(Worker):
                 await self.recover()
             return 0
         for s in claimed:  # as committed (the rows are detached now)
-            s.status, s.attempts = "sending", s.attempts + 1
-        failpoint("dispatcher.after_claim")
+            # From the values before the claim: the ORM's bulk update may already have
+            # refreshed these objects, and counting from them would count an attempt twice.
+            s.status, s.attempts = "sending", tried[s.invitation_id, s.kind] + 1
+        await afailpoint("dispatcher.after_claim")
         if claimed:
             outcomes = await asyncio.gather(*(self._send_one(s) for s in claimed))
-            failpoint("dispatcher.after_send")
+            await afailpoint("dispatcher.after_send")
+            # On shutdown the sends not started are released for the next round of any replica.
+            done = [(s, o) for s, o in zip(claimed, outcomes, strict=True) if o is not None]
+            released = [
+                _released(s, tried[s.invitation_id, s.kind])
+                for s, o in zip(claimed, outcomes, strict=True)
+                if o is None
+            ]
             async with unit_of_work(self.sessions) as session:
-                await self._record(session, claimed, outcomes)
+                await self._record(session, [s for s, _ in done], [o for _, o in done])
+                await repository.update_sends(session, released)
+            if released:
+                log.info("stopping: %d claimed send(s) not started, released", len(released))
         return len(due)
 
     async def _claim(self, session: AsyncSession, due: list[Send], now: datetime) -> list[Send]:
@@ -202,7 +232,8 @@ class Scheduler(Worker):
             },
         )
 
-    async def _send_one(self, send: Send) -> tuple[SendResult, OutboundSms | None]:
+    async def _send_one(self, send: Send) -> tuple[SendResult, OutboundSms | None] | None:
+        """The outcome of one send; None when the scheduler is stopping and it never started."""
         with bound(invitation_id=str(send.invitation_id), customer_id=send.customer_id):
             provider = self.providers.get(send.channel)
             if provider is None:
@@ -214,6 +245,9 @@ class Scheduler(Worker):
                 return SendResult("permanent", reason=f"cannot render the message: {exc}"), None
             sms = message if isinstance(message, OutboundSms) else None
             async with self._sem:
+                if self.stopping:
+                    return None
+                await afailpoint("dispatcher.before_send")
                 try:
                     return await provider.send(message), sms
                 except Exception as exc:  # a provider bug must not lose the outcome
@@ -289,6 +323,11 @@ class Scheduler(Worker):
         if result.outcome == "sent":
             SENT.labels(**labels, kind=send.kind).inc()
             LATENCY.set((now - send.send_at).total_seconds())
+            SEND_LAG.labels(channel=send.channel, kind=send.kind).observe(
+                max(0.0, (now - send.send_at).total_seconds())
+            )
+            if send.kind == "invitation":
+                EVENT_TO_SEND.labels(channel=send.channel).observe(_since_event(send, now))
             log.info("%s sent", send.kind)
             row.update(
                 status="sent", finished_at=now, provider_message_id=result.provider_message_id
@@ -365,6 +404,26 @@ class Scheduler(Worker):
                 session, [(o.channel, o.contact) for o in optouts], now
             )
         return max(len(sends), len(receipts), len(optouts))
+
+
+def _since_event(send: Send, now: datetime) -> float:
+    """Seconds from the CloudEvent's time (else the invitation's request) to ``now``; never
+    negative (a producer's clock may run ahead)."""
+    invitation = send.invitation
+    started = datetime.fromisoformat(invitation.get("event_time") or invitation["requested_at"])
+    return max(0.0, (now - started).total_seconds())
+
+
+def _released(send: Send, attempts: int) -> dict[str, Any]:
+    """The row update that hands a claimed send back as it was before the claim."""
+    return {
+        "invitation_id": send.invitation_id,
+        "kind": send.kind,
+        "status": "pending",
+        "claimed_by": None,
+        "claimed_at": None,
+        "attempts": attempts,
+    }
 
 
 def _channel(value: str) -> events.SurveyChannel:
