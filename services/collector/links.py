@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import alerting, bots, repository
@@ -42,6 +43,12 @@ PAGE_HEADERS = {
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
 }
 MAX_FORM_BYTES = 64 * 1024
+RESPONSES = Counter(
+    "kaiku_responses_total",
+    "Answers stored, by metric, kind (person or suspected_bot) and answer (new, or changed by "
+    "a later submission)",
+    ["metric", "kind", "answer"],
+)
 FORM_BODY = {
     "requestBody": {
         "content": {
@@ -216,6 +223,12 @@ def router(
                     log.info("answer stored (revision %d)", saved.revision)
                 else:
                     log.info("answer stored as a suspected bot: %s", reason)
+        # Counted once the answer is committed.
+        RESPONSES.labels(
+            metric=saved.metric,
+            kind="person" if reason is None else "suspected_bot",
+            answer="new" if saved.revision == 1 else "changed",
+        ).inc()
         on_change()
         return RedirectResponse(
             f"/s/{quote(token, safe='')}/thanks?lang={locale}",
