@@ -27,7 +27,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from services.common.config import KafkaSettings
+from services.common.config import HttpSettings, KafkaSettings
 from services.common.program import load_program
 from tests.deploy.crds import CUSTOM_RESOURCES
 from tests.deploy.support import (
@@ -65,9 +65,9 @@ def overlays_with(component: str) -> list[str]:
 
 # The oldest Kubernetes the manifests support (deploy/k8s/README.md) and the newest with schemas.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
-# The pods stop in order: preStop (5 s), uvicorn's graceful shutdown (20 s, services/common/
-# serve.py), the consumers and workers finishing what they hold (15 s, services/common/runtime.py).
-MIN_GRACE_SECONDS = 5 + 20 + 15
+# The pods stop in order: preStop (5 s), then the whole shutdown within KAIKU_SHUTDOWN_SECONDS
+# (services/common/serve.py, runtime.py), whose default is read from the settings.
+MIN_GRACE_SECONDS = 5 + int(HttpSettings.model_fields["shutdown_seconds"].default)
 SECRETS_DOC = K8S / "README.md"
 
 
