@@ -38,7 +38,7 @@ from services.trigger.handlers import EventHandler
 from services.trigger.ingress.generic import sign
 from services.trigger.models import Base as TriggerBase
 from services.trigger.rules import evaluate
-from tests.bench import dispatch, pages, scores
+from tests.bench import dispatch, e2e, pages, scores
 from tests.bench.http import Served, requests_per_second
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,95 +276,128 @@ async def webhook_ingress(kafka: KafkaSettings, n: int) -> Figure:
     return Figure("webhook_ingress", ingress, "requests/s", baseline, "requests/s")
 
 
-async def main(n: int) -> list[Figure]:
+GROUPS = ("trigger", "ingress", "dispatcher", "pages", "e2e", "memory", "scores")
+
+
+async def main(n: int, only: set[str]) -> list[Figure]:
     broker = EmbeddedBroker()
     broker.start()
     figures: list[Figure] = []
-    try:
-        kafka = KafkaSettings(
+
+    def fresh_kafka() -> KafkaSettings:
+        return KafkaSettings(
             bootstrap_servers=broker.bootstrap,
             topic_prefix=f"bench-{uuid.uuid4().hex[:6]}.",
             enable_idempotence=False,
             partitions=6,
         )
-        await preload(kafka, n)
-        baseline = await bare_loop(kafka, n)
-        figures.append(
-            Figure(
-                "trigger_decode_and_rules", decode_and_rules(n), "events/s", baseline, "events/s"
-            )
-        )
-        pg = await pg_schema()
-        try:
-            figures.append(
-                Figure(
-                    "trigger_events_postgres",
-                    await trigger_loop(kafka, pg, n),
-                    "events/s",
-                    baseline,
-                    "events/s",
-                )
-            )
-        finally:
-            await drop_schema(pg)
-        sqlite_path = ROOT / "var" / f"bench-{uuid.uuid4().hex[:6]}.db"
-        sqlite_path.parent.mkdir(exist_ok=True)
-        try:
-            sqlite = DatabaseSettings(url=f"sqlite+aiosqlite:///{sqlite_path}")
-            figures.append(
-                Figure(
-                    "trigger_events_sqlite",
-                    await trigger_loop(kafka, sqlite, n),
-                    "events/s",
-                    baseline,
-                    "events/s",
-                )
-            )
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
-        # For contrast: the same code, one event per transaction (per-event SQL statements).
-        pg = await pg_schema()
-        try:
-            one_by_one = kafka.model_copy(update={"max_batch": 1})
-            figures.append(
-                Figure(
-                    "trigger_events_postgres_per_event",
-                    await trigger_loop(one_by_one, pg, min(n, 2000)),
-                    "events/s",
-                    baseline,
-                    "events/s",
-                )
-            )
-        finally:
-            await drop_schema(pg)
-        figures.append(await webhook_ingress(kafka, max(1000, n // 5)))
-        program = load_program(ROOT / "deploy/local/program.yaml")
-        sends = max(500, n // 10)
-        for name, measure in (("smtp", dispatch.smtp_rates), ("http", dispatch.http_rates)):
+
+    try:
+        kafka = fresh_kafka()
+        if "trigger" in only:
+            figures.extend(await trigger_figures(kafka, n))
+        if "ingress" in only:
+            figures.append(await webhook_ingress(kafka, max(1000, n // 5)))
+        if "dispatcher" in only:
+            program = load_program(ROOT / "deploy/local/program.yaml")
+            sends = max(500, n // 10)
+            for name, measure in (("smtp", dispatch.smtp_rates), ("http", dispatch.http_rates)):
+                pg = await pg_schema()
+                try:
+                    rate, bare = await measure(program, pg, sends)
+                finally:
+                    await drop_schema(pg)
+                figures.append(Figure(f"dispatcher_sends_{name}", rate, "sends/s", bare, "sends/s"))
+        if "pages" in only:
             pg = await pg_schema()
             try:
-                rate, bare = await measure(program, pg, sends)
+                figures.append(Figure(*await pages.survey_page(kafka, pg, max(1000, n // 5))))
             finally:
                 await drop_schema(pg)
-            figures.append(Figure(f"dispatcher_sends_{name}", rate, "sends/s", bare, "sends/s"))
-        pg = await pg_schema()
-        try:
-            figures.append(Figure(*await pages.survey_page(kafka, pg, max(1000, n // 5))))
-        finally:
-            await drop_schema(pg)
-        # /v1/scores over KAIKU_BENCH_SCORE_ANSWERS answers (10M) beside count(*) of them.
-        figures.extend(Figure(*result) for result in await scores.figures())
+        for group, measure in (("e2e", e2e.end_to_end), ("memory", e2e.memory)):
+            if group in only:
+                pg = await pg_schema()
+                try:
+                    results = await measure(fresh_kafka(), pg, ROOT / "var")
+                    figures.extend(Figure(*result) for result in results)
+                finally:
+                    await drop_schema(pg)
+        if "scores" in only:
+            # /v1/scores over KAIKU_BENCH_SCORE_ANSWERS answers (10M) beside count(*) of them.
+            figures.extend(Figure(*result) for result in await scores.figures())
     finally:
         broker.stop()
+    return figures
+
+
+async def trigger_figures(kafka: KafkaSettings, n: int) -> list[Figure]:
+    figures: list[Figure] = []
+    await preload(kafka, n)
+    baseline = await bare_loop(kafka, n)
+    figures.append(
+        Figure("trigger_decode_and_rules", decode_and_rules(n), "events/s", baseline, "events/s")
+    )
+    pg = await pg_schema()
+    try:
+        figures.append(
+            Figure(
+                "trigger_events_postgres",
+                await trigger_loop(kafka, pg, n),
+                "events/s",
+                baseline,
+                "events/s",
+            )
+        )
+    finally:
+        await drop_schema(pg)
+    sqlite_path = ROOT / "var" / f"bench-{uuid.uuid4().hex[:6]}.db"
+    sqlite_path.parent.mkdir(exist_ok=True)
+    try:
+        sqlite = DatabaseSettings(url=f"sqlite+aiosqlite:///{sqlite_path}")
+        figures.append(
+            Figure(
+                "trigger_events_sqlite",
+                await trigger_loop(kafka, sqlite, n),
+                "events/s",
+                baseline,
+                "events/s",
+            )
+        )
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{sqlite_path}{suffix}").unlink(missing_ok=True)
+    # For contrast: the same code, one event per transaction (per-event SQL statements).
+    pg = await pg_schema()
+    try:
+        one_by_one = kafka.model_copy(update={"max_batch": 1})
+        figures.append(
+            Figure(
+                "trigger_events_postgres_per_event",
+                await trigger_loop(one_by_one, pg, min(n, 2000)),
+                "events/s",
+                baseline,
+                "events/s",
+            )
+        )
+    finally:
+        await drop_schema(pg)
     return figures
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        help=f"comma-separated benchmarks to run (default all: {','.join(GROUPS)})",
+    )
     args = parser.parse_args()
-    results = asyncio.run(main(args.events))
+    only = set(args.only.split(","))
+    if only - set(GROUPS):
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(only - set(GROUPS)))}")
+    (ROOT / "var").mkdir(exist_ok=True)
+    results = asyncio.run(main(args.events, only))
     for figure in results:
         print(figure.line(), flush=True)
     out = ROOT / "var" / "bench.json"
