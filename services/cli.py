@@ -9,6 +9,17 @@ kaiku preview SURVEY --channel email|sms --locale fi|sv|en [--reminder] [--out P
 kaiku schemas [--check]   export schemas/ from the message models (or check they agree)
 kaiku simulate PROGRAM EVENTS.jsonl [--format json]
                           the trigger's decisions over an event log, with no side effects
+kaiku topics create [--dry-run]
+                          create the missing topics (partitions, replication, retention from
+                          KAIKU_KAFKA_*); report the existing ones, never change them
+kaiku dlq list [FILTERS] [--show-body] [--format json]
+                          the dead letters: where from, which consumer, why (bodies masked)
+kaiku dlq replay [FILTERS] [--dry-run] [--again] [--format json]
+                          republish dead letters to their original topics, each at most once
+                          FILTERS: --consumer C --source-topic T --reason-contains S
+                                   --since 2h|2026-05-01T08:00Z --limit N
+kaiku migrate [--service S] [--revision R | --downgrade R | --check | --new MESSAGE]
+                          migrate the database schemas (the migration Job runs this)
 """
 
 from __future__ import annotations
@@ -241,6 +252,127 @@ def _run(_args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.common import migrations
+    from services.common.db import create_engine
+    from services.common.settings import CommonSettings
+
+    async def one(service: str) -> str:
+        database = CommonSettings().with_database(service).database
+        engine = create_engine(database)
+        schema = database.schema_name
+        try:
+            if args.check:
+                await migrations.ensure_current(engine, service, schema)
+                return f"{service}: current ({migrations.head(service)})"
+            if args.new:
+                path = await migrations.new_revision(engine, service, args.new, schema)
+                return f"{service}: wrote {path}"
+            if args.downgrade:
+                before, after = await migrations.downgrade(engine, service, schema, args.downgrade)
+            else:
+                before, after = await migrations.upgrade(engine, service, schema, args.revision)
+        finally:
+            await engine.dispose()
+        if before == after:
+            return f"{service}: at {after or 'base (no tables)'}, nothing to do"
+        return f"{service}: {before or 'base (empty)'} -> {after or 'base (no tables)'}"
+
+    status = 0
+    for service in args.service or migrations.SERVICES:
+        try:
+            print(asyncio.run(one(service)), flush=True)
+        except migrations.SchemaError as exc:
+            print(f"{service}: {exc}", file=sys.stderr)
+            status = 1
+        except OSError as exc:
+            print(f"{service}: the database is not reachable: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _ops(args: argparse.Namespace) -> int:
+    from services.ops import command
+
+    return command(args)
+
+
+def _since(value: str) -> object:
+    """``--since``: an ISO 8601 time (UTC unless it says) or a duration back from now (2h, 7d)."""
+    from datetime import UTC, datetime
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from services.common.program import Duration
+
+    try:
+        at = datetime.fromisoformat(value)
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+    except ValueError:
+        pass
+    try:
+        return datetime.now(UTC) - TypeAdapter(Duration).validate_python(value)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a time (2026-05-01T08:00Z) nor a duration (2h, 7d)"
+        ) from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+def _add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``kaiku topics create`` and ``kaiku dlq list|replay`` (services/ops.py; read KAIKU_KAFKA_*).
+    Exit codes: 0 done, 1 the broker is unreachable or refused, 2 a usage error."""
+    topics = sub.add_parser("topics", help="the Kafka topics (KAIKU_KAFKA_*, KAIKU_TOPIC_PREFIX)")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    create = topics_sub.add_parser(
+        "create",
+        help="create the missing topics with KAIKU_KAFKA_PARTITIONS, _REPLICATION_FACTOR, "
+        "_RETENTION_MS and _DLQ_RETENTION_MS; report the existing ones, never change them",
+    )
+    create.add_argument("--dry-run", action="store_true", help="print the plan, create nothing")
+    create.set_defaults(func=_ops, ops="topics-create")
+    dlq = sub.add_parser("dlq", help="the dead letters on <prefix>dlq: list and replay them")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--consumer", help="only those of this consumer (trigger, ...)")
+    filters.add_argument(
+        "--source-topic", help="only those from this topic (with or without the prefix)"
+    )
+    filters.add_argument("--reason-contains", help="only those whose reason has this text")
+    filters.add_argument(
+        "--since", type=_since, help="only those since this time, or this long ago (2h, 7d)"
+    )
+    filters.add_argument("--limit", type=_positive, help="at most this many, oldest first")
+    filters.add_argument("--format", choices=["text", "json"], default="text")
+    listing = dlq_sub.add_parser(
+        "list",
+        parents=[filters],
+        help="where each dead letter came from, which consumer refused it and why",
+    )
+    listing.add_argument(
+        "--show-body",
+        action="store_true",
+        help="print the bodies too, with email addresses, phone numbers and secrets masked",
+    )
+    listing.set_defaults(func=_ops, ops="dlq-list")
+    replay = dlq_sub.add_parser(
+        "replay",
+        parents=[filters],
+        help="republish dead letters to their original topics (key, headers, bytes) with a "
+        "kaiku-replayed-from header; each is marked and never replayed twice unless --again",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="list them, produce nothing")
+    replay.add_argument("--again", action="store_true", help="also those replayed before")
+    replay.set_defaults(func=_ops, ops="dlq-replay")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kaiku", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -296,6 +428,26 @@ def main(argv: list[str] | None = None) -> None:
     sends.add_argument("--format", choices=["text", "json"], default="text")
     sends.add_argument("--limit", type=int, default=1000)
     sends.set_defaults(func=_sends)
+    migrate = sub.add_parser(
+        "migrate",
+        help="migrate the services' database schemas (KAIKU_<SERVICE>_DATABASE_URL, else "
+        "KAIKU_DATABASE_URL) to this release",
+    )
+    migrate.add_argument(
+        "--service",
+        action="append",
+        choices=["trigger", "dispatcher", "collector"],
+        help="only this service (repeatable; default: all three)",
+    )
+    mode = migrate.add_mutually_exclusive_group()
+    mode.add_argument("--revision", default="head", help="migrate up to this revision")
+    mode.add_argument("--downgrade", metavar="REVISION", help="migrate down to it (base: empty)")
+    mode.add_argument("--check", action="store_true", help="exit 1 unless every schema is current")
+    mode.add_argument(
+        "--new", metavar="MESSAGE", help="developers: write a revision from the models' changes"
+    )
+    migrate.set_defaults(func=_migrate)
+    _add_ops_parsers(sub)
     run = sub.add_parser("run", help="run everything on one machine (the embedded default)")
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)

@@ -38,6 +38,11 @@ class KafkaSettings(BaseSettings):
     create_topics: bool = True
     partitions: int = 6
     replication_factor: int = 1
+    # Retention (retention.ms) of the topics `kaiku topics create` makes, -1 for forever: a week
+    # for the flowing topics (erasure cannot reach messages already on them), two for the dead
+    # letters (time to look and replay; they hold contact details too). See docs/topics.md.
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=-1)
+    dlq_retention_ms: int = Field(default=14 * 24 * 3600 * 1000, ge=-1)
     # Consumer loop tuning.
     max_batch: int = 500
     poll_timeout_ms: int = 200
@@ -64,8 +69,10 @@ class DatabaseSettings(BaseSettings):
     schema_name: str | None = Field(default=None, validation_alias="KAIKU_DATABASE_SCHEMA")
     pool_size: int = 10
     echo: bool = False
-    # Create the tables on start when they are missing.
-    create_tables: bool = True
+    # On start: "auto" migrates the service's schema to this release (the embedded default),
+    # "check" only verifies it is current (production: the migration Job runs `kaiku migrate`).
+    # Either way a service refuses to run against a schema newer than its code.
+    migrate: Literal["auto", "check"] = "auto"
 
 
 class HttpSettings(BaseSettings):
@@ -77,6 +84,10 @@ class HttpSettings(BaseSettings):
     api_token: SecretStr | None = None
     # Largest request body accepted, in bytes.
     max_body_bytes: int = 1_048_576
+    # KAIKU_BODY_TIMEOUT_SECONDS: a request's whole body must arrive within this many seconds
+    # of its headers, else 408 and the connection is closed (a client trickling its body, as
+    # in a slowloris attack, holds nothing open for longer). 1 MiB in 30 s is 35 kB/s.
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
     # KAIKU_SHUTDOWN_SECONDS: from SIGTERM to exit, below the pod's grace period (Kubernetes'
     # default is 30 s, less any preStop). Half of it for HTTP requests in flight, three quarters

@@ -21,8 +21,9 @@ from typing import Any
 from fastapi import FastAPI
 from sqlalchemy import MetaData
 
+from services.common import migrations
 from services.common.config import DatabaseSettings, KafkaSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, ping
+from services.common.db import create_engine, create_sessionmaker, ping
 from services.common.http import install_error_handlers, install_health
 from services.common.kafka import (
     ConsumerLoop,
@@ -135,8 +136,10 @@ class Runtime:
         self._closers.append(close)
 
     async def start(self) -> None:
-        if self.database.create_tables:
-            await create_tables(self.engine, self.metadata, self.database.schema_name)
+        schema = self.database.schema_name
+        if self.database.migrate == "auto":
+            await migrations.upgrade(self.engine, self.name, schema)
+        await migrations.ensure_current(self.engine, self.name, schema)
         if self.kafka.create_topics:
             await ensure_topics(self.kafka)
         await self.producer.start()
