@@ -2,26 +2,25 @@
 
 ``GET /v1/scores`` reads pre-aggregated counts only (sums grouped in SQL), never the answers
 one by one: the per-segment roll-ups when it groups by at most one segment, the full cells
-otherwise (``repository.uses_rollups``); the close-the-loop figures come from the alerted
-answers.
+otherwise (``repository.uses_rollups``); the close-the-loop figures come from the same
+counts and, for the median wait, from ``collector_contact_cells``.
 """
 
 from __future__ import annotations
 
 import re
-import statistics
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository, scoring
-from services.collector.repository import NO_SCORE, CellGroup, CellQuery
+from services.collector.repository import CellGroup, CellQuery, CellSums
 from services.common.db import unit_of_work
 from services.common.events import Metric
 from services.common.http import ApiError, error_responses
@@ -151,78 +150,82 @@ def _surveys(program: Program, ids: list[str], metric: str | None) -> list[Surve
     return chosen
 
 
-class _Sums:
-    """What the cells and the alerted answers say about one group."""
+EMPTY = CellSums({}, 0, 0, 0, 0, 0)
+
+
+def _minutes(microseconds: int) -> float:
+    """As ``(contacted_at − alerted_at).total_seconds() / 60`` computes it."""
+    return microseconds / 10**6 / 60
+
+
+class _Read:
+    """What the cells say about each group of one read, and each group's score (computed once,
+    also when the group is the previous period of another)."""
 
     def __init__(self) -> None:
-        self.hist: dict[int, int] = {}
-        self.responses = 0
-        self.bots = 0
-        self.delivered = 0
-        self.alerts: list[tuple[datetime, datetime | None]] = []
+        self.groups: dict[CellGroup, CellSums] = {}
+        self.medians: dict[CellGroup, float] = {}
+        self._scores: dict[CellGroup, scoring.Score] = {}
+
+    def score(self, metric: str, group: CellGroup) -> scoring.Score:
+        found = self._scores.get(group)
+        if found is None:
+            found = self._scores[group] = scoring.score(metric, self.groups.get(group, EMPTY).hist)
+        return found
 
 
-async def _sums(session: AsyncSession, q: CellQuery) -> dict[CellGroup, _Sums]:
-    out: dict[CellGroup, _Sums] = defaultdict(_Sums)
-    for group, cell in await repository.score_cell_sums(session, q):
-        sums = out[group]
-        sums.bots = cell.bots
-        sums.responses = sum(cell.hist.values())
-        sums.hist = {s: n for s, n in cell.hist.items() if s != NO_SCORE}
-    for group, n in await repository.delivery_cell_sums(session, q):
-        out[group].delivered += n
-    for group, alerted_at, contacted_at in await repository.alerted_answers(session, q):
-        out[group].alerts.append((alerted_at, contacted_at))
-    return out
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None else float(value)
+async def _read(session: AsyncSession, q: CellQuery) -> _Read:
+    read = _Read()
+    read.groups = dict(await repository.cell_sums(session, q))
+    for group, waits in await repository.contact_waits(session, q):
+        # The exact median: the mean of the two middle waits (one wait when the count is odd).
+        read.medians[group] = (_minutes(waits.lower_us) + _minutes(waits.upper_us)) / 2
+    return read
 
 
 def _row(
     survey: Survey,
-    group: CellGroup,
     names: list[str],
-    sums: _Sums,
-    previous: _Sums | None,
+    group: CellGroup,
+    current: _Read,
+    before: CellGroup,
+    previous: _Read,
     min_n: int,
-) -> ScoreRow:
-    result = scoring.score(survey.metric, sums.hist)
-    moved = scoring.change(survey.metric, sums.hist, previous.hist if previous else {})
-    counts: dict[str, int | None] = (
-        {
-            "promoters": result.promoters,
-            "passives": result.passives,
-            "detractors": result.detractors,
-        }
-        if survey.metric == "nps"
-        else {"top_box": result.top_box}
-    )
-    contacted = [(c - a).total_seconds() / 60 for a, c in sums.alerts if c is not None]
-    return ScoreRow(
-        survey=survey.id,
-        metric=survey.metric,
-        target=survey.target,
-        period_start=group[1],
-        group={name: value or None for name, value in zip(names, group[2], strict=True)},
-        n=result.n,
-        value=_num(result.value),
-        ci_low=_num(result.ci_low),
-        ci_high=_num(result.ci_high),
-        previous=moved.previous,
-        change=moved.change,
-        p_value=moved.p_value,
-        low_n=result.n < min_n,
-        responses=sums.responses,
-        delivered=sums.delivered,
-        response_rate=sums.responses / sums.delivered if sums.delivered else None,
-        suspected_bots=sums.bots,
-        alerts=len(sums.alerts),
-        loop_closure_rate=len(contacted) / len(sums.alerts) if sums.alerts else None,
-        median_minutes_to_contact=statistics.median(contacted) if contacted else None,
-        **counts,
-    )
+) -> dict[str, Any]:
+    """One row as ``ScoreRow``'s fields, in order."""
+    metric = survey.metric
+    sums = current.groups.get(group, EMPTY)
+    result = current.score(metric, group)
+    earlier = previous.groups.get(before, EMPTY)
+    moved = scoring.compare(metric, result, previous.score(metric, before), sums.hist, earlier.hist)
+    responses = sums.skipped + sum(sums.hist.values())
+    nps = metric == "nps"
+    return {
+        "survey": survey.id,
+        "metric": metric,
+        "target": survey.target,
+        "period_start": group[1],
+        "group": {name: value or None for name, value in zip(names, group[2], strict=True)},
+        "n": result.n,
+        "value": result.value,
+        "ci_low": result.ci_low,
+        "ci_high": result.ci_high,
+        "promoters": result.promoters if nps else None,
+        "passives": result.passives if nps else None,
+        "detractors": result.detractors if nps else None,
+        "top_box": None if nps else result.top_box,
+        "previous": moved.previous,
+        "change": moved.change,
+        "p_value": moved.p_value,
+        "low_n": result.n < min_n,
+        "responses": responses,
+        "delivered": sums.delivered,
+        "response_rate": responses / sums.delivered if sums.delivered else None,
+        "suspected_bots": sums.bots,
+        "alerts": sums.alerted,
+        "loop_closure_rate": sums.contacted / sums.alerted if sums.alerted else None,
+        "median_minutes_to_contact": current.medians.get(group),
+    }
 
 
 def widen(since: date | None, until: date | None, period: str) -> tuple[date | None, date | None]:
@@ -248,9 +251,30 @@ async def score_rows(
     zone: ZoneInfo,
     min_n: int,
 ) -> list[ScoreRow]:
+    """The rows of ``GET /v1/scores`` as models (what the dashboard shows): see
+    ``score_row_dicts``."""
+    rows = await score_row_dicts(
+        session, program, surveys, since, until, period, group_by, zone, min_n
+    )
+    return [ScoreRow(**row) for row in rows]
+
+
+async def score_row_dicts(
+    session: AsyncSession,
+    program: Program,
+    surveys: Sequence[Survey],
+    since: date | None,
+    until: date | None,
+    period: str,
+    group_by: Sequence[str],
+    zone: ZoneInfo,
+    min_n: int,
+) -> list[dict[str, Any]]:
     """The rows of ``GET /v1/scores``: ``surveys`` over days ``since <= day < until`` (widened
     to whole periods), by ``period`` and the ``group_by`` names of ``GROUPS``, each compared
-    with the previous period of the same length and group."""
+    with the previous period of the same length and group. Plain dicts in the shape of
+    ``ScoreRow`` (there can be tens of thousands: the API serializes them as they are, without
+    building and validating a model per row)."""
     since, until = widen(since, until, period)
     names = list(group_by)
     q = CellQuery(
@@ -261,12 +285,12 @@ async def score_rows(
         segments=tuple(GROUPS[name] for name in names),
     )
     if period == "none":
-        current = await _sums(session, q)
-        previous: dict[CellGroup, _Sums] = {}
+        current = await _read(session, q)
+        previous = _Read()
         if since is not None:
             end = until or datetime.now(zone).date() + timedelta(days=1)
             before = CellQuery(q.surveys, since - (end - since), since, "none", q.segments)
-            previous = await _sums(session, before)
+            previous = await _read(session, before)
     else:
         wider = CellQuery(
             q.surveys,
@@ -275,22 +299,27 @@ async def score_rows(
             period,
             q.segments,
         )
-        current = previous = await _sums(session, wider)
+        current = previous = await _read(session, wider)
+    groups = list(current.groups)
     if period == "none" and not names:
-        for s in surveys:  # a survey without answers still has its (empty) row
-            current.setdefault((s.id, None, ()), _Sums())
+        # A survey without answers still has its (empty) row.
+        groups += [(s.id, None, ()) for s in surveys if (s.id, None, ()) not in current.groups]
     by_id = {s.id: s for s in surveys}
+    back: dict[date, date] = {}  # each period start's previous one
     rows = []
-    for group in sorted(current, key=lambda g: (g[0], g[1] or date.min, g[2])):
+    # (survey, period start, segment values): every period start a date, or every one None.
+    for group in sorted(groups):
         start = group[1]
         if start is not None and since is not None and start < since:
             continue  # the period before the first: only there to compare with
-        before_key = (
-            group if start is None else (group[0], step(start, period, back=True), group[2])
-        )
-        rows.append(
-            _row(by_id[group[0]], group, names, current[group], previous.get(before_key), min_n)
-        )
+        if start is None:
+            before_key = group
+        else:
+            if start not in back:
+                back[start] = step(start, period, back=True)
+            before_key = (group[0], back[start], group[2])
+        survey = by_id[group[0]]
+        rows.append(_row(survey, names, group, current, before_key, previous, min_n))
     return rows
 
 
@@ -342,7 +371,7 @@ def router(
             default=None,
             description="touchpoint, channel, team, agent, account (repeat or comma-separate)",
         ),
-    ) -> ScoresOut:
+    ) -> Response:
         surveys = _surveys(program, _split(survey), metric)
         names = _split(group_by)
         for name in names:
@@ -358,17 +387,20 @@ def router(
             raise ApiError(422, "invalid", "to must be after from (to is exclusive)", "to")
         since, until = widen(since, until, period)
         async with unit_of_work(sessions) as session:
-            rows = await score_rows(
+            rows = await score_row_dicts(
                 session, program, surveys, since, until, period, names, tz, min_n
             )
-        return ScoresOut(
-            time_zone=tz.key,
-            from_=since,
-            to=until,
-            period=period,
-            group_by=names,
-            min_n=min_n,
-            rows=rows,
-        )
+        # ScoresOut's fields, serialized as they are (by pydantic-core): tens of thousands of
+        # rows would otherwise each be built, validated and turned into a dict first.
+        out = {
+            "time_zone": tz.key,
+            "from": since,
+            "to": until,
+            "period": period,
+            "group_by": names,
+            "min_n": min_n,
+            "rows": rows,
+        }
+        return Response(content=to_json(out), media_type="application/json")
 
     return api

@@ -140,27 +140,53 @@ class Hit(Base):
 
 class CellKey:
     """The key of a pre-aggregated count: survey, day (reporting time zone) and the segments,
-    with "" for a segment the event did not carry (so the key can be a primary key)."""
+    with "" for a segment the event did not carry (so the key can be a primary key). Declared
+    in the order of the primary key (before a table's own key columns), whose index makes a read
+    of one survey over a range of days a range scan."""
 
-    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True)
-    day: Mapped[date] = mapped_column(Date, primary_key=True)
-    touchpoint: Mapped[str] = mapped_column(String(200), primary_key=True)
-    channel: Mapped[str] = mapped_column(String(200), primary_key=True)
-    team: Mapped[str] = mapped_column(String(200), primary_key=True)
-    agent: Mapped[str] = mapped_column(String(200), primary_key=True)
-    account_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True, sort_order=-10)
+    day: Mapped[date] = mapped_column(Date, primary_key=True, sort_order=-9)
+    touchpoint: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-8)
+    channel: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-7)
+    team: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-6)
+    agent: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-5)
+    account_id: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-4)
+
+
+def _count(kind: Integer | None = None) -> Mapped[int]:
+    """A count column: 0 until something is added (an upsert inserts and sets only the columns
+    it changes; a default on the Python side would add every other one to the INSERT)."""
+    return mapped_column(kind if kind is not None else Integer(), server_default="0")
 
 
 class ScoreCell(CellKey, Base):
     """How many answers (the last revision of each) have this score on this day in this
     segment; ``score`` is -1 for an answer without one. Kept in the same transaction as the
-    answer, so ``/v1/scores`` sums cells instead of scanning every answer."""
+    answer, so ``/v1/scores`` sums cells instead of scanning every answer. ``alerted``: how
+    many of them raised a close-the-loop alert (``alerted_at`` set), ``contacted``: how many
+    of those were contacted since (``contacted_at`` set too)."""
 
     __tablename__ = "collector_score_cells"
 
     score: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     suspected_bot: Mapped[bool] = mapped_column(Boolean, primary_key=True)
-    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    n: Mapped[int] = _count(BigInteger().with_variant(Integer, "sqlite"))
+    alerted: Mapped[int] = _count()
+    contacted: Mapped[int] = _count()
+
+
+class ContactCell(CellKey, Base):
+    """How many alerted answers were contacted ``wait_us`` microseconds after their alert
+    (``contacted_at − alerted_at``, negative when the contact came first) on this day (the
+    answer's) in this segment: the exact waits whose median is ``median_minutes_to_contact``.
+    Only contacted alerts have a row, so the table is small beside the score cells."""
+
+    __tablename__ = "collector_contact_cells"
+
+    wait_us: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True
+    )
+    n: Mapped[int] = _count()
 
 
 class DeliveryCell(CellKey, Base):
@@ -169,34 +195,60 @@ class DeliveryCell(CellKey, Base):
 
     __tablename__ = "collector_delivery_cells"
 
-    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    n: Mapped[int] = _count(BigInteger().with_variant(Integer, "sqlite"))
 
 
 class RollupKey:
-    """The key of a roll-up: the cells summed over every segment but one (``dim``), by day or
-    by month. Declared in the order of the primary key, whose index makes a read of one
-    survey's roll-up of one segment over a range of days or months a range scan."""
+    """The key of a roll-up: the cells summed over every segment but those of one grouping set
+    (``dim``), by day or by month. Declared in the order of the primary key, whose index makes
+    a read of one survey's roll-up of one grouping set over a range of days or months a range
+    scan."""
 
-    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True, sort_order=-10)
+    survey_id: Mapped[str] = mapped_column(String(100), primary_key=True, sort_order=-20)
     # 'day': ``bucket`` is the day; 'month': the first day of the month.
-    grain: Mapped[str] = mapped_column(String(5), primary_key=True, sort_order=-9)
-    # '' (summed over every segment) or one of touchpoint, channel, team, agent, account_id.
-    dim: Mapped[str] = mapped_column(String(12), primary_key=True, sort_order=-8)
-    bucket: Mapped[date] = mapped_column(Date, primary_key=True, sort_order=-7)
-    # The segment's value: "" when ``dim`` is "" or the answer did not carry the segment.
-    value: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-6)
+    grain: Mapped[str] = mapped_column(String(5), primary_key=True, sort_order=-19)
+    # The grouping set, its segments joined by ",": "" (summed over every segment), one of
+    # touchpoint, channel, team, agent, account_id, "touchpoint,channel", "team,agent" or
+    # "touchpoint,channel,team,agent" (every segment but the account): see
+    # ``repository.ROLLUP_SETS``.
+    dim: Mapped[str] = mapped_column(String(60), primary_key=True, sort_order=-18)
+    bucket: Mapped[date] = mapped_column(Date, primary_key=True, sort_order=-17)
+    # The segments of the grouping set as in the cells ("" when the answer did not carry one);
+    # "" for a segment not in the set (summed over).
+    touchpoint: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-16)
+    channel: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-15)
+    team: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-14)
+    agent: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-13)
+    account_id: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-12)
 
 
 class ScoreRollup(RollupKey, Base):
-    """``collector_score_cells`` summed per single segment (or none) and per day or month:
-    what ``/v1/scores`` reads when it groups by at most one segment. Kept in the same
-    transaction as the cells (``repository.count_answer``)."""
+    """``collector_score_cells`` summed per grouping set and per day or month, one row per key
+    with a column per score: what ``/v1/scores`` reads when a grouping set covers its
+    ``group_by`` (one row per group and period, nothing to pivot). Kept in the same transaction
+    as the cells (``repository.count_answer``).
+
+    ``no_score`` and ``score_0`` … ``score_10`` count the answers by persons (``no_score``: the
+    question was skipped), ``bots`` the suspected bots' answers whatever their score;
+    ``alerted`` and ``contacted`` are the cells' alert counts (persons and bots alike)."""
 
     __tablename__ = "collector_score_rollups"
 
-    score: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    suspected_bot: Mapped[bool] = mapped_column(Boolean, primary_key=True)
-    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    no_score: Mapped[int] = _count()
+    score_0: Mapped[int] = _count()
+    score_1: Mapped[int] = _count()
+    score_2: Mapped[int] = _count()
+    score_3: Mapped[int] = _count()
+    score_4: Mapped[int] = _count()
+    score_5: Mapped[int] = _count()
+    score_6: Mapped[int] = _count()
+    score_7: Mapped[int] = _count()
+    score_8: Mapped[int] = _count()
+    score_9: Mapped[int] = _count()
+    score_10: Mapped[int] = _count()
+    bots: Mapped[int] = _count()
+    alerted: Mapped[int] = _count()
+    contacted: Mapped[int] = _count()
 
 
 class DeliveryRollup(RollupKey, Base):
@@ -204,7 +256,7 @@ class DeliveryRollup(RollupKey, Base):
 
     __tablename__ = "collector_delivery_rollups"
 
-    n: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    n: Mapped[int] = _count(BigInteger().with_variant(Integer, "sqlite"))
 
 
 class EarlyDelivery(Base):

@@ -9,9 +9,11 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Date,
     DateTime,
+    Integer,
     and_,
     case,
     cast,
@@ -21,12 +23,14 @@ from sqlalchemy import (
     or_,
     select,
     type_coerce,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import (
     AlertDelivery,
+    ContactCell,
     DeliveryCell,
     DeliveryRollup,
     EarlyDelivery,
@@ -44,6 +48,13 @@ CONTEXT_FIELDS = ("touchpoint", "channel", "team", "agent", "account_id", "case_
 # The segments scores can be grouped by (the key of the pre-aggregated cells besides the day).
 SEGMENTS = ("touchpoint", "channel", "team", "agent", "account_id")
 NO_SCORE = -1  # the score column of a cell counting answers without a score
+# The roll-ups' column of each score of a person's answer; a suspected bot's counts in "bots".
+SCORE_COLUMNS = {NO_SCORE: "no_score", **{s: f"score_{s}" for s in range(11)}}
+
+# A row's key, (column, value) pairs in the order of the table's primary key.
+Key = tuple[tuple[str, Any], ...]
+# What to add to a row's count columns.
+Counts = dict[str, int]
 
 
 def segment_key(row: Invitation | Response) -> dict[str, str]:
@@ -51,87 +62,139 @@ def segment_key(row: Invitation | Response) -> dict[str, str]:
     return {f: getattr(row, f) or "" for f in SEGMENTS}
 
 
-def _score_key(r: Response) -> dict[str, Any]:
-    return {
-        "survey_id": r.survey_id,
-        "day": r.day,
-        **segment_key(r),
-        "score": NO_SCORE if r.score is None else r.score,
-        "suspected_bot": r.suspected_bot,
-    }
+@dataclass(frozen=True)
+class Counted:
+    """What the cells count of one answer (``counted``): its cell (survey, day, segments), its
+    score (``NO_SCORE`` for none) and bot flag, whether it raised an alert and, when it was
+    contacted since, the wait from the alert to the contact in microseconds (exact: both are
+    timestamps with microseconds). Taken before a change and compared with the answer after
+    it, it says what moves between the cells (``count_answer``)."""
+
+    cell: Key
+    score: int
+    suspected_bot: bool
+    alerted: bool
+    wait_us: int | None
 
 
-# What one statement may carry: asyncpg and SQLite both refuse more than 32,767 parameters.
-_MAX_PARAMETERS = 30_000
+def counted(r: Response) -> Counted:
+    wait = None
+    if r.alerted_at is not None and r.contacted_at is not None:
+        wait = (r.contacted_at - r.alerted_at) // timedelta(microseconds=1)
+    return Counted(
+        cell=(("survey_id", r.survey_id), ("day", r.day), *segment_key(r).items()),
+        score=NO_SCORE if r.score is None else r.score,
+        suspected_bot=r.suspected_bot,
+        alerted=r.alerted_at is not None,
+        wait_us=wait,
+    )
+
+
 GRAINS = ("day", "month")
-CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[DeliveryRollup]
+CellModel = (
+    type[ScoreCell]
+    | type[DeliveryCell]
+    | type[ScoreRollup]
+    | type[DeliveryRollup]
+    | type[ContactCell]
+)
 
 
-def _rollup_keys(key: dict[str, Any]) -> list[dict[str, Any]]:
-    """The roll-up rows a cell counts in: per grain (the day, the month), one summed over every
-    segment (``dim`` "") and one per segment."""
-    day: date = key["day"]
-    rest = {k: v for k, v in key.items() if k not in SEGMENTS and k not in ("survey_id", "day")}
-    out = []
+# The grouping sets the roll-ups keep, smallest first: none, each segment alone, the two
+# pairs a report drills into (touchpoint and channel; team and agent: an agent's team), and
+# every segment but the account (for any other combination of them; a few thousand rows per
+# survey and month, where the cells, account included, are about as many as the answers). A
+# request reads the smallest set that covers its segments; with the account and another
+# segment none does, and it reads the full cells.
+ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
+    (),
+    *((segment,) for segment in SEGMENTS),
+    ("touchpoint", "channel"),
+    ("team", "agent"),
+    ("touchpoint", "channel", "team", "agent"),
+)
+
+
+def _rollup_keys(cell: Key) -> list[Key]:
+    """The roll-up rows a cell counts in: per grain (the day, the month) and grouping set, its
+    segments in the set and "" for the others."""
+    values = dict(cell)
+    day: date = values["day"]
+    out: list[Key] = []
     for grain, bucket in (("day", day), ("month", day.replace(day=1))):
-        base = {"survey_id": key["survey_id"], "grain": grain, "bucket": bucket}
-        out.append({**base, "dim": "", "value": "", **rest})
-        out.extend({**base, "dim": dim, "value": key[dim], **rest} for dim in SEGMENTS)
+        base = (("survey_id", values["survey_id"]), ("grain", grain))
+        for grouping in ROLLUP_SETS:
+            segments = tuple((s, values[s] if s in grouping else "") for s in SEGMENTS)
+            out.append((*base, ("dim", ",".join(grouping)), ("bucket", bucket), *segments))
     return out
 
 
-async def _add_to_cells(
-    session: AsyncSession, model: CellModel, deltas: list[tuple[dict[str, Any], int]]
-) -> None:
-    """Add each ``n`` to the row of its key, merged per key first (one INSERT must not touch a
-    key twice on PostgreSQL; a move within one row cancels out) and sorted (concurrent
-    transactions lock rows in the same order): one INSERT ... ON CONFLICT DO UPDATE."""
-    merged: dict[tuple[tuple[str, Any], ...], int] = defaultdict(int)
-    for key, n in deltas:
-        merged[tuple(sorted(key.items()))] += n
-    rows = [{**dict(k), "n": n} for k, n in sorted(merged.items()) if n]
-    if not rows:
+class _Deltas:
+    """Counts to add per row of one table, merged per key (one INSERT must not touch a key
+    twice on PostgreSQL; a move within one row cancels out)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Key, Counts] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, key: Key, counts: Counts, sign: int = 1) -> None:
+        row = self.rows[key]
+        for column, n in counts.items():
+            row[column] += sign * n
+
+
+async def _write(session: AsyncSession, model: CellModel, deltas: _Deltas) -> None:
+    """Add the deltas to the rows, sorted by key (concurrent transactions lock rows in the same
+    order): one INSERT ... ON CONFLICT DO UPDATE executed for every row (a single prepared
+    statement, compiled once per set of columns), inserting and setting only the columns that
+    change (a new row's other counts are 0)."""
+    changed = {k: c for k, c in deltas.rows.items() if any(c.values())}
+    if not changed:
         return
-    size = max(1, _MAX_PARAMETERS // len(rows[0]))
-    for start in range(0, len(rows), size):
-        stmt = upsert_insert(session)(model).values(rows[start : start + size])
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[k for k in rows[0] if k != "n"], set_={"n": model.n + stmt.excluded.n}
-        )
-        await session.execute(stmt)
-
-
-async def _add_to_cell(
-    session: AsyncSession,
-    cell: type[ScoreCell] | type[DeliveryCell],
-    deltas: list[tuple[dict[str, Any], int]],
-) -> None:
-    """Count ``n`` more (or fewer) in each cell key and in its roll-ups: one statement for the
-    cells and one for the roll-ups."""
-    rollup: CellModel = ScoreRollup if cell is ScoreCell else DeliveryRollup
-    await _add_to_cells(session, cell, deltas)
-    await _add_to_cells(session, rollup, [(r, n) for key, n in deltas for r in _rollup_keys(key)])
+    columns = sorted({col for c in changed.values() for col, n in c.items() if n})
+    rows = [
+        {**dict(key), **{col: counts.get(col, 0) for col in columns}}
+        for key, counts in sorted(changed.items())
+    ]
+    table = model.__table__
+    stmt = upsert_insert(session)(table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[name for name, _ in next(iter(changed))],
+        set_={col: table.c[col] + stmt.excluded[col] for col in columns},
+    )
+    conn = await session.connection()
+    await conn.execute(stmt, rows)
 
 
 async def count_answer(
-    session: AsyncSession, before: dict[str, Any] | None, after: Response | None
+    session: AsyncSession, before: Counted | None, after: Response | None
 ) -> None:
-    """Move one answer between score cells (and their roll-ups): out of ``before`` (the cell
-    key of its previous revision, from ``score_cell_key``), into the cell of ``after``. Same
-    transaction as the answer, so the cells always equal a recount of the answers."""
-    new = _score_key(after) if after is not None else None
+    """Move one answer between the cells (and their roll-ups): out of what ``before`` counted
+    (its state before the change, from ``counted``), into what ``after`` counts: its score cell
+    (``n``, ``alerted``, ``contacted``), that cell's roll-up rows (one per grain and grouping
+    set: a column per score, ``bots``, ``alerted``, ``contacted``) and, for a contacted alert,
+    its wait in ``collector_contact_cells``. Same transaction as the answer, so the cells always
+    equal a recount of the answers; one statement per table. Callers: ``save_response`` (a new
+    or changed answer), ``flag_bot``, ``record_alert`` (the first alert),
+    ``set_followup_status`` (the first contact); an erasure changes nothing counted."""
+    new = counted(after) if after is not None else None
     if before == new:
         return
-    deltas = []
-    if before is not None:
-        deltas.append((before, -1))
-    if new is not None:
-        deltas.append((new, 1))
-    await _add_to_cell(session, ScoreCell, deltas)
-
-
-def score_cell_key(r: Response) -> dict[str, Any]:
-    return _score_key(r)
+    cells, rollups, contacts = _Deltas(), _Deltas(), _Deltas()
+    for state, sign in ((before, -1), (new, 1)):
+        if state is None:
+            continue
+        contacted = int(state.wait_us is not None)
+        alerts = {"alerted": int(state.alerted), "contacted": contacted}
+        score_key = (*state.cell, ("score", state.score), ("suspected_bot", state.suspected_bot))
+        cells.add(score_key, {"n": 1, **alerts}, sign)
+        column = "bots" if state.suspected_bot else SCORE_COLUMNS[state.score]
+        for key in _rollup_keys(state.cell):
+            rollups.add(key, {column: 1, **alerts}, sign)
+        if state.wait_us is not None:
+            contacts.add((*state.cell, ("wait_us", state.wait_us)), {"n": 1}, sign)
+    await _write(session, ScoreCell, cells)
+    await _write(session, ScoreRollup, rollups)
+    await _write(session, ContactCell, contacts)
 
 
 async def mark_delivered(
@@ -151,14 +214,18 @@ async def mark_delivered(
             )
         ).scalars()
     )
-    counted = []
+    cells, rollups = _Deltas(), _Deltas()
     for inv in rows:
         if inv.delivered_at is not None:
             continue
         at, day = deliveries[inv.invitation_id]
         inv.delivered_at = at
-        counted.append(({"survey_id": inv.survey_id, "day": day, **segment_key(inv)}, 1))
-    await _add_to_cell(session, DeliveryCell, counted)
+        cell = (("survey_id", inv.survey_id), ("day", day), *segment_key(inv).items())
+        cells.add(cell, {"n": 1})
+        for key in _rollup_keys(cell):
+            rollups.add(key, {"n": 1})
+    await _write(session, DeliveryCell, cells)
+    await _write(session, DeliveryRollup, rollups)
     early = deliveries.keys() - {inv.invitation_id for inv in rows}
     if early:
         stmt = upsert_insert(session)(EarlyDelivery).values(
@@ -261,7 +328,7 @@ async def save_response(
     """Insert the answer, or update it when the customer changes it (the last one counts),
     and keep the score cells equal to the answers. ``bot_reason`` marks it a suspected bot."""
     existing = await response_for(session, invitation.invitation_id)
-    before = None
+    before: Counted | None = None
     if existing is None:
         existing = Response(
             response_id=uuid.uuid4(),
@@ -276,7 +343,7 @@ async def save_response(
         )
         session.add(existing)
     else:
-        before = score_cell_key(existing)
+        before = counted(existing)
         existing.revision += 1
     existing.score = score
     existing.comment = comment
@@ -292,7 +359,7 @@ async def save_response(
 
 async def flag_bot(session: AsyncSession, response: Response, reason: str) -> None:
     """Re-mark a stored answer as a suspected bot (it moves to the bot cells)."""
-    before = score_cell_key(response)
+    before = counted(response)
     response.suspected_bot = True
     response.bot_reason = reason
     await session.flush()
@@ -540,7 +607,10 @@ async def record_alert(
     now: datetime,
 ) -> None:
     """Mark the answer alerted (``rules``: every rule that has alerted for it so far), open its
-    follow-up if it has none, and queue one delivery per (webhook URL, its new rules)."""
+    follow-up if it has none, and queue one delivery per (webhook URL, its new rules). The
+    first alert counts in the answer's cells (``alerted``, and ``contacted`` with its wait if
+    the customer was contacted already)."""
+    before = counted(response)
     if response.alerted_at is None:
         response.alerted_at = now
     joined = ",".join(rules)
@@ -565,6 +635,24 @@ async def record_alert(
         for url, new in deliveries
     )
     await session.flush()
+    await count_answer(session, before, response)
+
+
+async def set_followup_status(
+    session: AsyncSession, response: Response, status: str, now: datetime
+) -> None:
+    """Move the follow-up to ``status`` (open, contacted, resolved): the first contact (or a
+    resolution without one) sets ``contacted_at``, which counts the answer as contacted in its
+    cells, with the wait since its alert, if it was alerted."""
+    if status == response.followup_status:
+        return
+    before = counted(response)
+    response.followup_status = status
+    if status in ("contacted", "resolved") and response.contacted_at is None:
+        response.contacted_at = now
+    response.resolved_at = now if status == "resolved" else None
+    await session.flush()
+    await count_answer(session, before, response)
 
 
 async def due_alert_deliveries(
@@ -655,21 +743,39 @@ def _cell_where(model: Any, q: CellQuery) -> list[ColumnElement[bool]]:
 
 
 def _group(row: Any, q: CellQuery) -> CellGroup:
-    bucket = row[1] if q.period != "none" else None
-    first = 2 if q.period != "none" else 1
-    return (row[0], bucket, tuple(v or "" for v in row[first : first + len(q.segments)]))
+    """A row's group: the survey, the period start (None for ``none``) and the segment values
+    (never NULL in the cells and roll-ups: "" for a segment the answer did not carry)."""
+    if q.period == "none":
+        return (row[0], None, tuple(row[1 : 1 + len(q.segments)]))
+    return (row[0], row[1], tuple(row[2 : 2 + len(q.segments)]))
 
 
 SCORE_VALUES = range(NO_SCORE, 11)  # every score a cell can hold: -1 (none) and 0…10
 
 
-@dataclass
+@dataclass(slots=True)
 class CellSums:
-    """One group's answers: ``hist`` {score: answers} of persons (``NO_SCORE`` for a skipped
-    score) and the suspected bots apart."""
+    """One group's counts: ``hist`` {score: answers} of the persons' answers with a score,
+    ``skipped`` the persons' answers without one, the suspected bots' answers apart, how many
+    answers (persons and bots) raised an alert and how many of those were contacted, and the
+    invitations delivered."""
 
     hist: dict[int, int]
+    skipped: int
     bots: int
+    alerted: int
+    contacted: int
+    delivered: int
+
+
+@dataclass(frozen=True)
+class ContactWaits:
+    """One group's contacted alerts: how many, and the two middle waits (microseconds; the
+    same one when the count is odd), whose mean is the exact median."""
+
+    contacted: int
+    lower_us: int
+    upper_us: int
 
 
 def _next_month(day: date) -> date:
@@ -699,27 +805,35 @@ def rollup_ranges(q: CellQuery) -> list[RollupRange]:
     return out
 
 
+def rollup_set(q: CellQuery) -> tuple[str, ...] | None:
+    """The smallest grouping set of the roll-ups that covers the requested segments; None when
+    none does (the account and another segment): then the full cells answer, the slower path
+    (there are about as many cells as answers)."""
+    for column in q.segments:
+        if column not in SEGMENTS:
+            raise ValueError(f"not a segment: {column}")
+    return next((g for g in ROLLUP_SETS if set(q.segments) <= set(g)), None)
+
+
 def uses_rollups(q: CellQuery) -> bool:
-    """At most one segment: the roll-ups answer. Two or more: the full cells (slower: at a
-    high cardinality there are about as many cells as answers)."""
-    return len(q.segments) <= 1
+    return rollup_set(q) is not None
 
 
 def _rollup_query(
     session: AsyncSession, model: type[ScoreRollup] | type[DeliveryRollup], q: CellQuery
 ) -> tuple[list[Any], list[ColumnElement[bool]]]:
     """The group keys and the filter of a read of the roll-ups, laid out like the cells'
-    (survey, period start, segment value)."""
-    for column in q.segments:
-        if column not in SEGMENTS:
-            raise ValueError(f"not a segment: {column}")
+    (survey, period start, segment values)."""
+    grouping = rollup_set(q)
+    if grouping is None:
+        raise ValueError(f"no roll-up groups by {', '.join(q.segments)}")
     ranges = rollup_ranges(q)
     keys: list[Any] = [model.survey_id]
     if q.period != "none":
         aligned = q.period == "day" or all(grain == "month" for grain, _, _ in ranges)
         bucket = model.bucket if aligned else period_start(session, model.bucket, q.period)
         keys.append(bucket.label("period_start"))
-    keys.extend(model.value for _ in q.segments)
+    keys.extend(getattr(model, column) for column in q.segments)
     spans = []
     for grain, first, end in ranges:
         span: list[ColumnElement[bool]] = [model.grain == grain]
@@ -730,62 +844,122 @@ def _rollup_query(
         spans.append(and_(*span))
     where = [
         model.survey_id.in_(q.surveys),
-        model.dim == (q.segments[0] if q.segments else ""),
+        model.dim == ",".join(grouping),
         or_(*spans) if len(spans) > 1 else spans[0],
     ]
     return keys, where
 
 
-async def score_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, CellSums]]:
-    """Each group's histogram summed in SQL, one row per group (a column per score value),
-    whatever the number of answers: from the roll-ups for at most one segment, else from the
-    cells."""
-    model: type[ScoreCell] | type[ScoreRollup]
+async def _rows(session: AsyncSession, stmt: Any) -> list[Any]:
+    """The rows of a Core statement (no ORM result processing: the reads are wide)."""
+    conn = await session.connection()
+    return list((await conn.execute(stmt)).all())
+
+
+# The count columns of a read, in order: the skipped (NO_SCORE), each score 0…10, the bots'
+# answers, the alerted, the contacted, the delivered.
+_SUMS = (*SCORE_COLUMNS.values(), "bots", "alerted", "contacted", "delivered")
+
+
+def _count_selects(session: AsyncSession, q: CellQuery) -> list[Any]:
+    """Two SELECTs of the same shape (group keys ``k0``…, then a column per name in ``_SUMS``):
+    the answers (a column per score already in the roll-ups; pivoted from the cells) and the
+    deliveries, each 0 in the other's columns."""
+    zero: ColumnElement[int] = literal_column("0", Integer())
+    answers: list[Any]
     if uses_rollups(q):
-        model = ScoreRollup
         keys, where = _rollup_query(session, ScoreRollup, q)
+        answers = [getattr(ScoreRollup, c) for c in _SUMS[:-1]]
+        dkeys, dwhere = _rollup_query(session, DeliveryRollup, q)
+        delivered: Any = DeliveryRollup.n
     else:
-        model = ScoreCell
         keys, where = _cell_keys(session, ScoreCell, q), _cell_where(ScoreCell, q)
-    person = model.suspected_bot.is_(False)
-    columns = [
-        func.sum(case((and_(person, model.score == value), model.n), else_=0))
-        for value in SCORE_VALUES
+        person = ScoreCell.suspected_bot.is_(False)
+        answers = [
+            case((and_(person, ScoreCell.score == value), ScoreCell.n), else_=0)
+            for value in SCORE_VALUES
+        ]
+        answers += [
+            case((ScoreCell.suspected_bot.is_(True), ScoreCell.n), else_=0),
+            ScoreCell.alerted,
+            ScoreCell.contacted,
+        ]
+        dkeys, dwhere = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
+        delivered = DeliveryCell.n
+        # Summed per group first: a group has many cells (every day, every other segment).
+        answers = [func.sum(c) for c in answers]
+        delivered = func.sum(delivered)
+    out = [
+        select(
+            *(k.label(f"k{i}") for i, k in enumerate(keys)),
+            *(c.label(name) for c, name in zip(answers, _SUMS[:-1], strict=True)),
+            zero.label("delivered"),
+        ).where(*where),
+        select(
+            *(k.label(f"k{i}") for i, k in enumerate(dkeys)),
+            *(zero.label(name) for name in _SUMS[:-1]),
+            delivered.label("delivered"),
+        ).where(*dwhere),
     ]
-    bots = func.sum(case((model.suspected_bot.is_(True), model.n), else_=0))
-    stmt = select(*keys, bots, *columns).where(*where).group_by(*keys)
-    out = []
-    for row in (await session.execute(stmt)).all():
-        counts = row[len(keys) + 1 :]
-        hist = {v: int(c) for v, c in zip(SCORE_VALUES, counts, strict=True) if c}
-        if hist or row[len(keys)]:
-            out.append((_group(row, q), CellSums(hist, int(row[len(keys)]))))
+    if not uses_rollups(q):
+        out = [out[0].group_by(*keys), out[1].group_by(*dkeys)]
     return out
 
 
-async def delivery_cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, int]]:
-    """(group, delivered invitations) summed in SQL, from the roll-ups or the cells (as
-    ``score_cell_sums``)."""
-    model: type[DeliveryCell] | type[DeliveryRollup]
-    if uses_rollups(q):
-        model = DeliveryRollup
-        keys, where = _rollup_query(session, DeliveryRollup, q)
-    else:
-        model = DeliveryCell
-        keys, where = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
-    stmt = select(*keys, func.sum(model.n)).where(*where).group_by(*keys)
-    return [
-        (_group(row, q), int(row[-1])) for row in (await session.execute(stmt)).all() if row[-1]
-    ]
-
-
-async def alerted_answers(
-    session: AsyncSession, q: CellQuery
-) -> list[tuple[CellGroup, datetime, datetime | None]]:
-    """(group, alerted_at, contacted_at) of every alerted answer (the alerts are few: the
-    ``(survey_id, alerted_at)`` index finds them without reading the other answers)."""
-    keys = _cell_keys(session, Response, q)
-    stmt = select(*keys, Response.alerted_at, Response.contacted_at).where(
-        *_cell_where(Response, q), Response.alerted_at.is_not(None)
+async def cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, CellSums]]:
+    """Each group's answers by score, alerts and deliveries, summed in SQL into one row per
+    group: from the roll-ups (a column per score already) when a grouping set covers the
+    segments, else from the cells (a column per score value pivoted in SQL); the answers and
+    the deliveries in one statement (``UNION ALL``, then ``GROUP BY`` the group)."""
+    both = union_all(*_count_selects(session, q)).subquery()
+    width = 1 + (q.period != "none") + len(q.segments)
+    keys = [both.c[f"k{i}"] for i in range(width)]
+    stmt = select(*keys, *(cast(func.sum(both.c[name]), BigInteger) for name in _SUMS)).group_by(
+        *keys
     )
-    return [(_group(row, q), row[-2], row[-1]) for row in (await session.execute(stmt)).all()]
+    scores = SCORE_VALUES[1:]
+    out = []
+    for row in await _rows(session, stmt):
+        counts: tuple[int, ...] = tuple(row[width:])
+        # no_score, score_0 … score_10, bots, alerted, contacted, delivered
+        hist = {s: c for s, c in zip(scores, counts[1:12], strict=True) if c}
+        if hist or counts[0] or counts[12] or counts[15]:
+            sums = CellSums(hist, counts[0], counts[12], counts[13], counts[14], counts[15])
+            out.append((_group(row, q), sums))
+    return out
+
+
+async def contact_waits(
+    session: AsyncSession, q: CellQuery
+) -> list[tuple[CellGroup, ContactWaits]]:
+    """Each group's contacted alerts and the middle of their waits, from
+    ``collector_contact_cells`` (a row per cell and exact wait: only contacted alerts, a few
+    per cent of the answers). The median is found in SQL without sorting in Python: a running
+    count of the waits in order within each group; the lower middle wait is the first whose
+    running count reaches half the group's count (2·upto ≥ total), the upper middle the first
+    that passes it (2·upto > total)."""
+    keys = _cell_keys(session, ContactCell, q)
+    inner = (
+        select(*(k.label(f"k{i}") for i, k in enumerate(keys)), ContactCell.wait_us, ContactCell.n)
+        .where(*_cell_where(ContactCell, q), ContactCell.n != 0)
+        .subquery()
+    )
+    part = [inner.c[f"k{i}"] for i in range(len(keys))]
+    ranked = select(
+        *part,
+        inner.c.wait_us,
+        func.sum(inner.c.n).over(partition_by=part, order_by=inner.c.wait_us).label("upto"),
+        func.sum(inner.c.n).over(partition_by=part).label("total"),
+    ).subquery()
+    by = [ranked.c[f"k{i}"] for i in range(len(keys))]
+    upto, total, wait = ranked.c.upto, ranked.c.total, ranked.c.wait_us
+    stmt = select(
+        *by,
+        func.max(total),
+        func.min(case((2 * upto >= total, wait))),
+        func.min(case((2 * upto > total, wait))),
+    ).group_by(*by)
+    return [
+        (_group(row, q), ContactWaits(int(row[-3]), int(row[-2]), int(row[-1])))
+        for row in await _rows(session, stmt)
+    ]

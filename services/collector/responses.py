@@ -390,11 +390,8 @@ def router(
                 raise ApiError(404, "not_found", f"no answer {response_id}", "response_id")
             now = clock()
             status = change.status
-            if status is not None and status != found.followup_status:
-                found.followup_status = status
-                if status in ("contacted", "resolved") and found.contacted_at is None:
-                    found.contacted_at = now
-                found.resolved_at = now if status == "resolved" else None
+            if status is not None:
+                await repository.set_followup_status(session, found, status, now)
             if "note" in change.model_fields_set:
                 found.followup_note = change.note
             found.followup_updated_at = now

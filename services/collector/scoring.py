@@ -32,17 +32,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
+from typing import NamedTuple
 
 NORMAL = NormalDist()
 Z95 = NORMAL.inv_cdf(0.975)
+SQRT2 = math.sqrt(2.0)
 RANGES = {"nps": (-100.0, 100.0), "csat": (0.0, 100.0), "ces": (1.0, 7.0)}
 
 
-@dataclass(frozen=True)
-class Score:
+class Score(NamedTuple):
+    """A group's score, with what the comparison with another period needs (``variance``: the
+    sample variance of CES answers), so that each histogram is scored once. (Named tuples:
+    ``/v1/scores`` makes one or two per group, tens of thousands at a time.)"""
+
     metric: str
     n: int
     value: float | None
@@ -52,10 +56,10 @@ class Score:
     passives: int = 0
     detractors: int = 0
     top_box: int = 0
+    variance: float = 0.0
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """The previous period's value, the change (current − previous, in the score's own unit:
     NPS points, CSAT percentage points, CES scale points) and its two-sided p-value."""
 
@@ -158,7 +162,9 @@ def t_quantile(p: float, df: float) -> float:
 
 
 def _normal_p(z: float) -> float:
-    return 2.0 * NORMAL.cdf(-abs(z))
+    """Two-sided tail 2·Φ(−|z|) of the standard normal, as erfc(|z|/√2): the same value, exact
+    out in the far tail too."""
+    return math.erfc(abs(z) / SQRT2)
 
 
 # --- Scores --------------------------------------------------------------------------------
@@ -169,9 +175,13 @@ def _counted(hist: Mapping[int, int]) -> int:
 
 
 def nps(hist: Mapping[int, int]) -> Score:
-    n = _counted(hist)
-    promoters = sum(c for s, c in hist.items() if s >= 9)
-    detractors = sum(c for s, c in hist.items() if s <= 6)
+    n = promoters = detractors = 0
+    for s, c in hist.items():
+        n += c
+        if s >= 9:
+            promoters += c
+        elif s <= 6:
+            detractors += c
     passives = n - promoters - detractors
     if n == 0:
         return Score("nps", 0, None, None, None)
@@ -231,7 +241,9 @@ def ces(hist: Mapping[int, int]) -> Score:
     if n == 1:
         return Score("ces", 1, mean, None, None, top_box=top)
     half = t_quantile(0.975, n - 1) * math.sqrt(var / n)
-    return Score("ces", n, mean, max(1.0, mean - half), min(7.0, mean + half), top_box=top)
+    return Score(
+        "ces", n, mean, max(1.0, mean - half), min(7.0, mean + half), top_box=top, variance=var
+    )
 
 
 FORMULAS = {"nps": nps, "csat": csat, "ces": ces}
@@ -251,9 +263,8 @@ def _merged(a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
     return out
 
 
-def nps_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+def _nps_p(a: Score, b: Score) -> float | None:
     """Two-sided p of the NPS difference: z = Δ / √(var₁/n₁ + var₂/n₂), trinomial variances."""
-    a, b = nps(current), nps(previous)
     if a.value is None or b.value is None:
         return None
     diff = (a.value - b.value) / 100
@@ -261,17 +272,16 @@ def nps_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> floa
     var_b = _trinomial_var(b.promoters / b.n, b.detractors / b.n)
     se = math.sqrt(var_a / a.n + var_b / b.n)
     if se == 0.0:  # both periods all one kind: the null hypothesis' common variance
-        pooled = nps(_merged(current, previous))
-        var = _trinomial_var(pooled.promoters / pooled.n, pooled.detractors / pooled.n)
+        n = a.n + b.n
+        var = _trinomial_var((a.promoters + b.promoters) / n, (a.detractors + b.detractors) / n)
         se = math.sqrt(var * (1 / a.n + 1 / b.n))
     if se == 0.0:
         return 1.0
     return _normal_p(diff / se)
 
 
-def csat_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+def _csat_p(a: Score, b: Score) -> float | None:
     """Two-sided p of the two-proportion z-test with the pooled proportion."""
-    a, b = csat(current), csat(previous)
     if a.n == 0 or b.n == 0:
         return None
     pooled = (a.top_box + b.top_box) / (a.n + b.n)
@@ -281,13 +291,15 @@ def csat_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> flo
     return _normal_p((a.top_box / a.n - b.top_box / b.n) / se)
 
 
-def ces_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+def _ces_p(
+    a: Score, b: Score, current: Mapping[int, int], previous: Mapping[int, int]
+) -> float | None:
     """Two-sided p of Welch's t-test (Welch–Satterthwaite degrees of freedom); None when
     either period has fewer than two answers."""
-    if _counted(current) < 2 or _counted(previous) < 2:
+    if a.n < 2 or b.n < 2 or a.value is None or b.value is None:
         return None
-    n1, m1, v1 = _moments(current)
-    n2, m2, v2 = _moments(previous)
+    n1, m1, v1 = a.n, a.value, a.variance
+    n2, m2, v2 = b.n, b.value, b.variance
     if m1 == m2:
         return 1.0
     q1, q2 = v1 / n1, v2 / n2
@@ -298,15 +310,47 @@ def ces_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> floa
     return t_sf2((m1 - m2) / math.sqrt(q1 + q2), df)
 
 
-P_VALUES = {"nps": nps_p_value, "csat": csat_p_value, "ces": ces_p_value}
+def nps_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+    return _nps_p(nps(current), nps(previous))
+
+
+def csat_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+    return _csat_p(csat(current), csat(previous))
+
+
+def ces_p_value(current: Mapping[int, int], previous: Mapping[int, int]) -> float | None:
+    return _ces_p(ces(current), ces(previous), current, previous)
+
+
+def _p_value(
+    metric: str, a: Score, b: Score, current: Mapping[int, int], previous: Mapping[int, int]
+) -> float | None:
+    if metric == "nps":
+        return _nps_p(a, b)
+    if metric == "csat":
+        return _csat_p(a, b)
+    return _ces_p(a, b, current, previous)
+
+
+def compare(
+    metric: str,
+    now: Score,
+    before: Score,
+    current: Mapping[int, int],
+    previous: Mapping[int, int],
+) -> Change:
+    """``change`` from the two periods' scores already computed (``now`` of ``current``,
+    ``before`` of ``previous``): what ``/v1/scores`` uses, scoring each group once."""
+    if before.value is None:
+        return Change(None, None, None)
+    if now.value is None:
+        return Change(before.value, None, None)
+    return Change(
+        before.value, now.value - before.value, _p_value(metric, now, before, current, previous)
+    )
 
 
 def change(metric: str, current: Mapping[int, int], previous: Mapping[int, int]) -> Change:
     """The change from ``previous`` to ``current``; all None when the previous period has no
     counted answers, change without p when a test needs more answers (CES: two per period)."""
-    now, before = score(metric, current), score(metric, previous)
-    if before.value is None:
-        return Change(None, None, None)
-    if now.value is None:
-        return Change(before.value, None, None)
-    return Change(before.value, now.value - before.value, P_VALUES[metric](current, previous))
+    return compare(metric, score(metric, current), score(metric, previous), current, previous)

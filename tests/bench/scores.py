@@ -3,22 +3,35 @@
 A fresh PostgreSQL schema is filled with ``KAIKU_BENCH_SCORE_ANSWERS`` answers (default
 10,000,000) by ``INSERT ... SELECT generate_series``: 3 surveys (NPS, CSAT, CES), 365 days,
 5 touchpoints, 4 channels, 300 agents in 20 teams, 2,000 accounts (a few large, many small),
-5% skipped scores, 1% suspected bots, 5% alerted (60% of them contacted). The score and delivery
-cells are then filled by one ``INSERT ... SELECT ... GROUP BY`` each, equal to what the
-repository keeps with every answer. Each figure is the median of a few runs after a warm-up:
+5% skipped scores, 1% suspected bots, 5% alerted (60% of them contacted, up to three days
+later). The score, contact and delivery cells and the roll-ups are then filled by
+``INSERT ... SELECT ... GROUP BY``, equal to what the repository keeps with every answer. The
+plans of the reads of one request (month by account, and by team and agent: the roll-ups;
+June by account and channel: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the
+median of a few runs after a warm-up:
 
 - the whole ``/v1/scores`` request (through the ASGI app, with scoring and the comparison with
-  the previous month) for one survey over the year, by month and team, and by month and agent;
+  the previous period) for one survey over the year: by month and team, agent or account, the
+  database reads of the account one alone, without a period (partial months at both ends, the
+  whole year), by day and team over June, by month, team and agent, and June by account and
+  channel (the full cells: no roll-up groups by the account and another segment);
 - the same grouping computed from the answers instead of the cells, for contrast;
 - the baseline: ``SELECT count(*) FROM collector_responses``, in the same run.
 
 Run it alone with ``python -m tests.bench.scores`` (``KAIKU_BENCH_SCORE_ANSWERS=1000000`` for
-a quicker look); ``make bench`` runs it with the rest.
+a quicker look); ``make bench`` runs it with the rest. Loading 10M answers takes about ten
+minutes, so a schema can be kept: with ``KAIKU_BENCH_SCORE_SCHEMA=<name>`` the bench loads into
+that schema and leaves it there, and a later run with the same name reuses what still fits,
+by fingerprints stored beside the tables: the answers when their number, table and fill are the
+same (the cells and roll-ups are then filled again when their tables or fills changed), all of
+it when nothing changed. Drop the schema when done (``DROP SCHEMA <name> CASCADE``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import os
 import statistics
 import time
@@ -26,17 +39,21 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 from fastapi import FastAPI
 from pydantic import SecretStr
-from sqlalchemy import text
+from sqlalchemy import Table, event, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from services.collector import api
 from services.collector.models import Base
-from services.collector.repository import SEGMENTS, CellQuery
+from services.collector.repository import ROLLUP_SETS, SEGMENTS, CellQuery
+from services.collector.repository import SCORE_COLUMNS as SCORE_NAMES
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.http import bearer_auth, install_error_handlers
@@ -47,7 +64,12 @@ PG_URL = os.environ.get(
     "KAIKU_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 ANSWERS = int(os.environ.get("KAIKU_BENCH_SCORE_ANSWERS", "10000000"))
+# Opt-in: load into this schema once, keep it, and reuse it on later runs (see above).
+KEEP_SCHEMA = os.environ.get("KAIKU_BENCH_SCORE_SCHEMA") or None
 TOKEN = "bench-token"
+# What the loading statements may sort and hash in memory (this session only; the requests run
+# with the server's settings).
+FILL_WORK_MEM = "256MB"
 RUNS = 5
 
 # (name, value, unit, baseline, baseline unit): a Figure in tests/bench/__main__.py.
@@ -81,15 +103,30 @@ JOIN (VALUES (0, 'relationship-nps', 'nps', 0, 10), (1, 'support-csat', 'csat', 
   ON s.k = g.i % 3
 """
 
-# What repository.count_answer keeps: one count per survey, day, segments, score, bot.
+# What repository.count_answer keeps: one count per survey, day, segments, score, bot, with
+# how many of those answers alerted and how many of the alerted were contacted.
 FILL_SCORE_CELLS = """
 INSERT INTO collector_score_cells
-    (survey_id, day, touchpoint, channel, team, agent, account_id, score, suspected_bot, n)
+    (survey_id, day, touchpoint, channel, team, agent, account_id, score, suspected_bot, n,
+     alerted, contacted)
 SELECT survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''), coalesce(team, ''),
        coalesce(agent, ''), coalesce(account_id, ''), coalesce(score, -1), suspected_bot,
-       count(*)
+       count(*), count(alerted_at),
+       count(*) FILTER (WHERE alerted_at IS NOT NULL AND contacted_at IS NOT NULL)
 FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+"""
+
+# ... and the waits of the contacted alerts, to the microsecond.
+FILL_CONTACT_CELLS = """
+INSERT INTO collector_contact_cells
+    (survey_id, day, touchpoint, channel, team, agent, account_id, wait_us, n)
+SELECT survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''), coalesce(team, ''),
+       coalesce(agent, ''), coalesce(account_id, ''),
+       (extract(epoch FROM contacted_at - alerted_at) * 1000000)::bigint, count(*)
+FROM collector_responses
+WHERE alerted_at IS NOT NULL AND contacted_at IS NOT NULL
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
 """
 
 # Deliveries: about three invitations delivered per answer, in the answers' segments.
@@ -102,35 +139,48 @@ FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 """
 
-# What repository._add_to_cell keeps beside the cells: per survey, day and one segment (or
-# none), then per month from the days.
+# What repository.count_answer and mark_delivered keep beside the cells: per survey, day and
+# one segment (or none), then per month from the days. A score roll-up has a column per score
+# of the persons' answers, the bots' answers, the alerted and the contacted.
+SCORE_COLUMNS = [*SCORE_NAMES.values(), "bots", "alerted", "contacted"]
+SCORE_SUMS = ", ".join(
+    [
+        *(
+            f"coalesce(sum(n) FILTER (WHERE NOT suspected_bot AND score = {score}), 0)"
+            for score in SCORE_NAMES
+        ),
+        "coalesce(sum(n) FILTER (WHERE suspected_bot), 0)",
+        "sum(alerted)",
+        "sum(contacted)",
+    ]
+)
 ROLLUP_DAYS = """
-INSERT INTO {table} (survey_id, grain, dim, bucket, value{extra}, n)
-SELECT survey_id, 'day', '{dim}', day, {value}{extra}, sum(n)
+INSERT INTO {table} (survey_id, grain, dim, bucket, {segments}, {columns})
+SELECT survey_id, 'day', '{dim}', day, {values}, {sums}
 FROM {cells}
-GROUP BY survey_id, day{group}{extra}
+GROUP BY survey_id, day{group}
 """
 ROLLUP_MONTHS = """
-INSERT INTO {table} (survey_id, grain, dim, bucket, value{extra}, n)
-SELECT survey_id, 'month', dim, date_trunc('month', bucket::timestamp)::date, value{extra}, sum(n)
+INSERT INTO {table} (survey_id, grain, dim, bucket, {segments}, {columns})
+SELECT survey_id, 'month', dim, date_trunc('month', bucket::timestamp)::date, {segments}, {sums}
 FROM {table}
 WHERE grain = 'day'
-GROUP BY survey_id, dim, date_trunc('month', bucket::timestamp)::date, value{extra}
+GROUP BY survey_id, dim, date_trunc('month', bucket::timestamp)::date, {segments}
 """
+# (roll-up, cells, the roll-up's count columns, their sums over the cells)
 ROLLUPS = (
-    ("collector_score_rollups", "collector_score_cells", ", score, suspected_bot"),
-    ("collector_delivery_rollups", "collector_delivery_cells", ""),
+    ("collector_score_rollups", "collector_score_cells", SCORE_COLUMNS, SCORE_SUMS),
+    ("collector_delivery_rollups", "collector_delivery_cells", ["n"], "sum(n)"),
 )
-
-# What the month-by-account request reads, for its plan.
-EXPLAIN_ACCOUNTS = """
-EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
-SELECT bucket, value, score, suspected_bot, sum(n)
-FROM collector_score_rollups
-WHERE survey_id = 'relationship-nps' AND grain = 'month' AND dim = 'account_id'
-  AND bucket >= date '2024-12-01' AND bucket < date '2026-01-01'
-GROUP BY 1, 2, 3, 4
-"""
+COUNT_STATEMENTS = (
+    repr(ROLLUP_SETS),
+    FILL_SCORE_CELLS,
+    FILL_CONTACT_CELLS,
+    FILL_DELIVERY_CELLS,
+    ROLLUP_DAYS,
+    ROLLUP_MONTHS,
+    repr(ROLLUPS),
+)
 
 # The same figures computed from the answers, without the cells (the contrast).
 FROM_ANSWERS = """
@@ -161,7 +211,7 @@ async def timed(run: Callable[[], Awaitable[object]], runs: int = RUNS) -> float
     return statistics.median(times)
 
 
-async def fill(engine: AsyncEngine, answers: int) -> None:
+async def fill_answers(engine: AsyncEngine, answers: int) -> None:
     started = time.perf_counter()
     async with engine.begin() as conn:
         # Load first, index afterwards: much faster than maintaining the indexes row by row.
@@ -174,64 +224,199 @@ async def fill(engine: AsyncEngine, answers: int) -> None:
                 )
             )
         ).all()
+        await conn.execute(text(f"SET LOCAL maintenance_work_mem = '{FILL_WORK_MEM}'"))
         for name, _ in indexes:
             await conn.execute(text(f'DROP INDEX "{name}"'))
         await conn.execute(text(FILL_ANSWERS), {"n": answers})
         for _, definition in indexes:
             await conn.execute(text(definition))
+    await vacuum(engine, ["collector_responses"])
+    print(
+        f"scores bench: {answers:,} answers loaded in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+
+
+async def fill_counts(engine: AsyncEngine) -> None:
+    """The cells and roll-ups from the answers, as the repository would have kept them."""
+    started = time.perf_counter()
+    async with engine.begin() as conn:
+        await conn.execute(text(f"SET LOCAL work_mem = '{FILL_WORK_MEM}'"))
         await conn.execute(text(FILL_SCORE_CELLS))
+        await conn.execute(text(FILL_CONTACT_CELLS))
         await conn.execute(text(FILL_DELIVERY_CELLS))
-        for table, cells_table, extra in ROLLUPS:
-            for dim in ("", *SEGMENTS):
-                value = dim or "''"
+        segments = ", ".join(SEGMENTS)
+        for table, cells_table, columns, sums in ROLLUPS:
+            for grouping in ROLLUP_SETS:
                 await conn.execute(
                     text(
                         ROLLUP_DAYS.format(
                             table=table,
                             cells=cells_table,
-                            dim=dim,
-                            value=value,
-                            group=f", {dim}" if dim else "",
-                            extra=extra,
+                            dim=",".join(grouping),
+                            segments=segments,
+                            values=", ".join(s if s in grouping else "''" for s in SEGMENTS),
+                            group="".join(f", {s}" for s in grouping),
+                            columns=", ".join(columns),
+                            sums=sums,
                         )
                     )
                 )
-            await conn.execute(text(ROLLUP_MONTHS.format(table=table, extra=extra)))
+            await conn.execute(
+                text(
+                    ROLLUP_MONTHS.format(
+                        table=table,
+                        segments=segments,
+                        columns=", ".join(columns),
+                        sums=", ".join(f"sum({c})" for c in columns),
+                    )
+                )
+            )
+    await vacuum(engine, [t for t in Base.metadata.tables if t != "collector_responses"])
+    print(
+        f"scores bench: cells and roll-ups filled in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+
+
+async def vacuum(engine: AsyncEngine, tables: list[str]) -> None:
     autocommit = await engine.connect()
     try:
         conn = await autocommit.execution_options(isolation_level="AUTOCOMMIT")
-        tables = ("collector_responses", "collector_score_cells", "collector_delivery_cells")
-        for table in (*tables, *(t for t, _, _ in ROLLUPS)):
+        for table in tables:
             await conn.execute(text(f"VACUUM ANALYZE {table}"))
-        cells = (await conn.execute(text("SELECT count(*) FROM collector_score_cells"))).scalar()
+    finally:
+        await autocommit.close()
+
+
+async def sizes(engine: AsyncEngine) -> str:
+    async with engine.connect() as conn:
+        counts = {
+            table: await conn.scalar(text(f"SELECT count(*) FROM {table}"))
+            for table in ("collector_responses", "collector_score_cells", "collector_contact_cells")
+        }
         rollups = (
             await conn.execute(
                 text("SELECT grain, count(*) FROM collector_score_rollups GROUP BY 1 ORDER BY 1")
             )
         ).all()
-        plan = (await conn.execute(text(EXPLAIN_ACCOUNTS))).scalars().all()
-    finally:
-        await autocommit.close()
-    print(
-        f"scores bench: {answers:,} answers, {cells:,} score cells and "
-        f"{', '.join(f'{n:,} {grain}' for grain, n in rollups)} score roll-ups loaded in "
-        f"{time.perf_counter() - started:.0f} s",
-        flush=True,
+    return (
+        f"{counts['collector_responses']:,} answers, {counts['collector_score_cells']:,} score "
+        f"cells, {counts['collector_contact_cells']:,} contact cells, "
+        f"{', '.join(f'{n:,} {grain}' for grain, n in rollups)} score roll-ups"
     )
-    print("scores bench: plan of the month-by-account roll-up read:", *plan, sep="\n  ")
+
+
+def _ddl(table: Table) -> str:
+    return "\n".join(
+        [
+            str(CreateTable(table).compile(dialect=postgresql.dialect())),
+            *sorted(
+                str(CreateIndex(i).compile(dialect=postgresql.dialect())) for i in table.indexes
+            ),
+        ]
+    )
+
+
+def fingerprints(answers: int) -> dict[str, str]:
+    """What a kept schema was loaded with: the answers (their number, table and fill) and the
+    counts (the other tables and the statements that fill them)."""
+    answers_table = Base.metadata.tables["collector_responses"]
+    parts = {
+        "answers": [str(answers), FILL_ANSWERS, _ddl(answers_table)],
+        "counts": [
+            inspect.getsource(fill_counts),
+            *COUNT_STATEMENTS,
+            *(_ddl(t) for t in Base.metadata.sorted_tables if t is not answers_table),
+        ],
+    }
+    return {k: hashlib.sha256("\n".join(v).encode()).hexdigest() for k, v in parts.items()}
+
+
+async def kept(admin: AsyncEngine, schema: str) -> dict[str, str]:
+    """The fingerprints stored in a kept schema (none when it is not one)."""
+    async with admin.connect() as conn:
+        table = f'"{schema}".bench_loaded'
+        if not await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}):
+            return {}
+        return {
+            part: value
+            for part, value in (await conn.execute(text(f"SELECT part, fingerprint FROM {table}")))
+        }
+
+
+async def prepare(admin: AsyncEngine, engine: AsyncEngine, schema: str, answers: int) -> None:
+    """Load the schema, or reuse what a kept one holds: the answers if they are the same, the
+    counts too if they are filled the same way. Each part's fingerprint is stored once it is
+    loaded (a run stopped while filling the counts keeps its answers)."""
+    want = fingerprints(answers)
+    have = await kept(admin, schema) if KEEP_SCHEMA is not None else {}
+    if have == want:
+        print(f"scores bench: reusing schema {schema}: {await sizes(engine)}", flush=True)
+        return
+    async with admin.begin() as conn:
+        if have.get("answers") == want["answers"]:
+            print(f"scores bench: reusing the answers of schema {schema}", flush=True)
+            for table in Base.metadata.tables:
+                if table != "collector_responses":
+                    await conn.execute(text(f'DROP TABLE IF EXISTS "{schema}".{table}'))
+            await conn.execute(
+                text(f"DELETE FROM \"{schema}\".bench_loaded WHERE part <> 'answers'")
+            )
+        else:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            await conn.execute(
+                text(f'CREATE TABLE "{schema}".bench_loaded (part text, fingerprint text)')
+            )
+
+    async def done(part: str) -> None:
+        async with admin.begin() as conn:
+            await conn.execute(
+                text(f'INSERT INTO "{schema}".bench_loaded VALUES (:p, :f)'),
+                {"p": part, "f": want[part]},
+            )
+
+    await create_tables(engine, Base.metadata, schema)
+    if have.get("answers") != want["answers"]:
+        await fill_answers(engine, answers)
+        await done("answers")
+    await fill_counts(engine)
+    await done("counts")
+    print(f"scores bench: {await sizes(engine)}", flush=True)
+
+
+async def plans(engine: AsyncEngine, sessions: Any, q: CellQuery) -> None:
+    """The plan of every statement one read of ``q`` makes (``api._read``), by EXPLAIN ANALYZE."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with sessions() as session:
+            await api._read(session, q)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    label = f"{q.period} by {'+'.join(q.segments) or 'nothing'}"
+    async with engine.connect() as conn:
+        for statement, parameters in statements:
+            result = await conn.exec_driver_sql(
+                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters
+            )
+            plan = [row[0] for row in result]
+            print(f"scores bench: plan of a read of {label}:", *plan, sep="\n  ", flush=True)
 
 
 async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]:
     """The figures; ``echo`` prints each as soon as it is measured."""
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    schema = KEEP_SCHEMA or f"bench_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(PG_URL)
-    async with admin.begin() as conn:
-        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     database = DatabaseSettings(url=PG_URL, schema_name=schema)
     engine = create_engine(database)
     try:
-        await create_tables(engine, Base.metadata, schema)
-        await fill(engine, answers)
+        await prepare(admin, engine, schema, answers)
         sessions = create_sessionmaker(engine)
         app = FastAPI()
         install_error_handlers(app)
@@ -279,7 +464,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             return run
 
         def reads(group: str) -> Callable[[], Awaitable[None]]:
-            """The request's database reads alone (score and delivery sums, alerts)."""
+            """The request's database reads alone (score, alert and delivery sums, the waits)."""
             q = CellQuery(
                 ("relationship-nps",),
                 date(2024, 12, 1),
@@ -290,9 +475,23 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
 
             async def run() -> None:
                 async with sessions() as session:
-                    await api._sums(session, q)
+                    await api._read(session, q)
 
             return run
+
+        for segments in (("account_id",), ("team", "agent")):
+            year = CellQuery(
+                ("relationship-nps",), date(2024, 12, 1), date(2026, 1, 1), "month", segments
+            )
+            await plans(engine, sessions, year)
+        june = CellQuery(  # and May, to compare with
+            ("relationship-nps",),
+            date(2025, 5, 1),
+            date(2025, 7, 1),
+            "month",
+            ("account_id", "channel"),
+        )
+        await plans(engine, sessions, june)
 
         size = f"{answers / 1e6:g}M"
         baseline = await timed(count)
@@ -309,15 +508,18 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         add("none_partial_months", await timed(scores("", "none", "2025-01-15", "2025-12-15")))
         add("none_one_year", await timed(scores("", "none")))
         add("day_by_team_one_month", await timed(scores("team", "day", "2025-06-01", "2025-07-01")))
-        add("month_by_team_agent_cells", await timed(scores("team,agent"), runs=3))
+        add("month_by_team_agent", await timed(scores("team,agent")))
+        june = ("month", "2025-06-01", "2025-07-01")
+        add("june_by_account_channel_cells", await timed(scores("account,channel", *june), runs=3))
         add("month_by_team_from_answers", await timed(from_answers("team"), runs=3))
         add("count_again", await timed(count))
         await http.aclose()
         return results
     finally:
         await engine.dispose()
-        async with admin.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        if KEEP_SCHEMA is None:
+            async with admin.begin() as conn:
+                await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
 
 

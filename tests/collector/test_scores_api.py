@@ -7,7 +7,7 @@ import itertools
 import random
 import statistics
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -21,10 +21,11 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from services.collector import api, repository, scoring
+from services.collector import alerting, api, erasure, repository, responses, scoring
 from services.collector.config import local_day
 from services.collector.models import (
     Base,
+    ContactCell,
     DeliveryCell,
     DeliveryRollup,
     Invitation,
@@ -52,6 +53,7 @@ SEGMENT_VALUES: dict[str, list[str | None]] = {
     "account_id": [f"acct-{i}" for i in range(5)] + [None],
 }
 SCALES = {"nps": (0, 10), "csat": (1, 5), "ces": (1, 7)}
+MICROSECOND = timedelta(microseconds=1)
 
 
 @pytest.fixture
@@ -65,31 +67,55 @@ def program() -> Program:
 
 
 @dataclass
+class Clock:
+    now: datetime = datetime(2026, 2, 10, 10, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
 class Stack:
     http: httpx.AsyncClient
     db: DatabaseSettings
     sessions: Any
     program: Program
+    clock: Clock
 
 
 @pytest.fixture
 async def stack(database: DatabaseSettings, program: Program) -> AsyncIterator[Stack]:
+    """The scores API, and the follow-up (PATCH /v1/responses/{id}) and erasure APIs that
+    change what it counts, on a clock of the test's."""
     engine = create_engine(database)
     await create_tables(engine, Base.metadata, database.schema_name)
     sessions = create_sessionmaker(engine)
+    clock = Clock()
+    auth = bearer_auth(SecretStr(TOKEN))
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(
-        api.router(
-            program=program,
+        api.router(program=program, sessions=sessions, auth=auth, min_n=30, zone=ZONE)
+    )
+    app.include_router(
+        responses.router(
             sessions=sessions,
-            auth=bearer_auth(SecretStr(TOKEN)),
-            min_n=30,
-            zone=ZONE,
+            auth=auth,
+            cursor_key=responses.cursor_key(SecretStr(TOKEN)),
+            clock=clock,
+        )
+    )
+    app.include_router(
+        erasure.router(
+            sessions=sessions,
+            auth=auth,
+            salt=SecretStr("salt"),
+            on_change=lambda: None,
+            clock=clock,
         )
     )
     async with client(app) as http:
-        yield Stack(http, database, sessions, program)
+        yield Stack(http, database, sessions, program, clock)
     await engine.dispose()
 
 
@@ -162,15 +188,36 @@ async def fill(stack: Stack, answers: int, seed: int = 7) -> None:
                         day=local_day(when, ZONE),
                         bot_reason=bot,
                     )
+                    # Now and then a follow-up before any alert (contacted_at first: a
+                    # negative wait once an alert comes), and an alert on any revision (the
+                    # first one sets alerted_at; a later change moves it to the new day).
+                    if rng.random() < 0.05:
+                        status = rng.choice(["contacted", "resolved"])
+                        await repository.set_followup_status(
+                            session, answer, status, later(rng, when, 3)
+                        )
+                    if rng.random() < 0.08:
+                        await repository.record_alert(
+                            session, answer, rules=["r"], deliveries=[], now=later(rng, when, 10)
+                        )
                 if rng.random() < 0.03 and not answer.suspected_bot:
                     await repository.flag_bot(session, answer, "trap")
-                if rng.random() < 0.1:
-                    answer.alerted_at = answer.submitted_at + timedelta(minutes=1)
-                    if rng.random() < 0.6:
-                        answer.contacted_at = answer.alerted_at + timedelta(
-                            minutes=rng.randrange(5, 5000)
+                if answer.alerted_at is not None and rng.random() < 0.6:
+                    # Contacted (PATCH status contacted or resolved), minutes to days later;
+                    # a later status change keeps the first contacted_at.
+                    for status in rng.choice([["contacted"], ["resolved"], ["contacted", "open"]]):
+                        await repository.set_followup_status(
+                            session, answer, status, later(rng, answer.alerted_at, 5000)
                         )
+            # Some customers erased: their answers keep counting, without identity.
+            for customer in {i["customer_id"] for i in invitations if rng.random() < 0.05}:
+                await repository.erase_customer(session, customer, "hash", datetime.now(UTC))
             await session.flush()
+
+
+def later(rng: random.Random, start: datetime, minutes: int) -> datetime:
+    """A moment within ``minutes`` after ``start``, to the microsecond."""
+    return start + timedelta(minutes=rng.randrange(minutes), microseconds=rng.randrange(60 * 10**6))
 
 
 @dataclass
@@ -262,8 +309,8 @@ def check_row(row: dict[str, Any], g: Group, before: Group | None, metric: str) 
     assert row["response_rate"] == pytest.approx(rate)
     assert row["alerts"] == g.alerts
     assert row["loop_closure_rate"] == pytest.approx(len(g.waits) / g.alerts if g.alerts else None)
-    median = statistics.median(g.waits) if g.waits else None
-    assert row["median_minutes_to_contact"] == pytest.approx(median)
+    # Exact, not approximately: the median of the waits to the microsecond.
+    assert row["median_minutes_to_contact"] == (statistics.median(g.waits) if g.waits else None)
     moved = scoring.change(metric, g.hist, before.hist if before else {})
     assert row["previous"] == pytest.approx(moved.previous)
     assert row["change"] == pytest.approx(moved.change)
@@ -294,9 +341,16 @@ COMBINATIONS = [
     ("month", ["touchpoint"], "2026-02-01", None),
     ("week", ["channel"], None, "2026-02-01"),
     ("day", ["touchpoint"], "2026-01-30", "2026-02-03"),
-    # Two or more segments: the full cells.
-    ("none", ["account", "team"], "2026-01-10", "2026-03-20"),
+    # Two or more segments but the account: the roll-ups of a pair (team and agent,
+    # touchpoint and channel) or of every segment but the account.
     ("month", ["touchpoint", "channel", "team"], None, None),
+    ("none", ["agent", "team"], "2026-01-10", "2026-03-20"),
+    ("week", ["channel", "agent"], "2026-02-01", "2026-03-01"),
+    ("month", ["channel", "touchpoint"], "2026-01-01", "2026-03-01"),
+    # The account and another segment: the full cells.
+    ("none", ["account", "team"], "2026-01-10", "2026-03-20"),
+    ("month", ["agent", "account"], "2026-02-01", "2026-04-01"),
+    ("day", ["account", "channel", "touchpoint"], "2026-03-01", "2026-03-03"),
 ]
 
 
@@ -317,6 +371,10 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
         assert r.status_code == 200, r.text
         body = r.json()
         label = f"{period} {group_by} {since}..{until}"
+        # The documented shape (the OpenAPI schema's), every field of every row, in order.
+        api.ScoresOut.model_validate(body)
+        assert list(body) == ["time_zone", "from", "to", "period", "group_by", "min_n", "rows"]
+        assert all(list(row) == list(api.ScoreRow.model_fields) for row in body["rows"]), label
         lo, hi = body["from"], body["to"]
         lo_day = date.fromisoformat(lo) if lo else None
         hi_day = date.fromisoformat(hi) if hi else None
@@ -357,38 +415,209 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
     assert sum(row["n"] for row in whole) > 1500
     assert sum(row["suspected_bots"] for row in whole) > 50
     assert all(0 < row["response_rate"] < 1 for row in whole)
+    # ... and so were the alerts, the contacts and their waits.
+    assert sum(row["alerts"] for row in whole) > 100
+    assert all(0.3 < row["loop_closure_rate"] < 0.9 for row in whole)
+    assert all(row["median_minutes_to_contact"] > 60 for row in whole)
 
 
-async def test_rollups_equal_the_cells(stack: Stack) -> None:
-    """Every roll-up row is the sum of the cells it covers (changed answers, bots and
-    deliveries moved them around), for each grain and each segment."""
+async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -> None:
+    """The score cells (answers, alerts, contacts) and the contact waits equal a recount of the
+    answers, and every roll-up row is the sum of the cells it covers (changed answers, bots,
+    alerts, follow-ups and deliveries moved them around), for each grain and each segment."""
     await fill(stack, 800, seed=11)
     async with unit_of_work(stack.sessions) as session:
-        pairs: list[tuple[Any, Any, tuple[str, ...]]] = [
-            (ScoreCell, ScoreRollup, ("score", "suspected_bot")),
-            (DeliveryCell, DeliveryRollup, ()),
+        answers = (await session.execute(select(Response))).scalars().all()
+        cells = (await session.execute(select(ScoreCell))).scalars().all()
+        waits = (await session.execute(select(ContactCell))).scalars().all()
+        rollups = (await session.execute(select(ScoreRollup))).scalars().all()
+        delivery_cells = (await session.execute(select(DeliveryCell))).scalars().all()
+        delivery_rollups = (await session.execute(select(DeliveryRollup))).scalars().all()
+
+    def cell_of(row: Any) -> tuple[Any, ...]:
+        return (row.survey_id, row.day, *(getattr(row, f) or "" for f in repository.SEGMENTS))
+
+    want_cells: dict[tuple[Any, ...], Counter[str]] = defaultdict(Counter)
+    want_waits: Counter[tuple[Any, ...]] = Counter()
+    for r in answers:
+        score = repository.NO_SCORE if r.score is None else r.score
+        counts = want_cells[(*cell_of(r), score, r.suspected_bot)]
+        counts["n"] += 1
+        if r.alerted_at is not None:
+            counts["alerted"] += 1
+            if r.contacted_at is not None:
+                counts["contacted"] += 1
+                want_waits[(*cell_of(r), (r.contacted_at - r.alerted_at) // MICROSECOND)] += 1
+    got_cells = {
+        (*cell_of(c), c.score, c.suspected_bot): Counter(
+            {"n": c.n, "alerted": c.alerted, "contacted": c.contacted}
+        )
+        for c in cells
+    }
+    assert {k: +c for k, c in got_cells.items() if +c} == want_cells
+    assert {(*cell_of(w), w.wait_us): w.n for w in waits if w.n} == want_waits
+    assert sum(c["alerted"] for c in want_cells.values()) > 30
+    assert sum(want_waits.values()) > 20
+    assert any(key[-1] < 0 for key in want_waits)  # contacted before the alert
+
+    def rollup_keys(c: Any) -> list[tuple[Any, ...]]:
+        return [
+            (
+                c.survey_id,
+                grain,
+                ",".join(grouping),
+                bucket,
+                *(getattr(c, s) if s in grouping else "" for s in repository.SEGMENTS),
+            )
+            for grain, bucket in (("day", c.day), ("month", c.day.replace(day=1)))
+            for grouping in repository.ROLLUP_SETS
         ]
-        for cell, rollup, extra in pairs:
-            want: dict[tuple[Any, ...], int] = defaultdict(int)
-            for c in (await session.execute(select(cell))).scalars():
-                for grain, bucket in (("day", c.day), ("month", c.day.replace(day=1))):
-                    for dim in ("", *repository.SEGMENTS):
-                        value = getattr(c, dim) if dim else ""
-                        rest = tuple(getattr(c, e) for e in extra)
-                        want[(c.survey_id, grain, dim, bucket, value, *rest)] += c.n
-            got = {
-                (
-                    r.survey_id,
-                    r.grain,
-                    r.dim,
-                    r.bucket,
-                    r.value,
-                    *(getattr(r, e) for e in extra),
-                ): r.n
-                for r in (await session.execute(select(rollup))).scalars()
-            }
-            assert {k: n for k, n in got.items() if n} == {k: n for k, n in want.items() if n}
-            assert sum(want.values()) > 1000
+
+    def key_of(r: Any) -> tuple[Any, ...]:
+        return (
+            r.survey_id,
+            r.grain,
+            r.dim,
+            r.bucket,
+            *(getattr(r, s) for s in repository.SEGMENTS),
+        )
+
+    want: dict[tuple[Any, ...], Counter[str]] = defaultdict(Counter)
+    for c in cells:
+        column = "bots" if c.suspected_bot else repository.SCORE_COLUMNS[c.score]
+        for key in rollup_keys(c):
+            want[key].update({column: c.n, "alerted": c.alerted, "contacted": c.contacted})
+    columns = [*repository.SCORE_COLUMNS.values(), "bots", "alerted", "contacted"]
+    got = {key_of(r): Counter({col: getattr(r, col) for col in columns}) for r in rollups}
+    assert {k: +c for k, c in got.items() if +c} == {k: +c for k, c in want.items() if +c}
+
+    want_delivered: Counter[tuple[Any, ...]] = Counter()
+    for d in delivery_cells:
+        for key in rollup_keys(d):
+            want_delivered[key] += d.n
+    got_delivered = Counter({key_of(r): r.n for r in delivery_rollups})
+    assert +got_delivered == +want_delivered
+    assert sum(want_delivered.values()) > 1000
+
+
+async def test_close_the_loop_figures_follow_alerts_contacts_and_changes(stack: Stack) -> None:
+    """What a team sees while it closes the loop: alerts (the program's nps-detractor rule),
+    contacts recorded with PATCH /v1/responses/{id}, the exact median wait (to the
+    microsecond), an answer changed after its alert (it moves to its new day), a contact
+    before the alert (a negative wait), a bot flag and an erasure (neither changes them)."""
+    t0 = datetime(2026, 2, 10, 10, 0, tzinfo=UTC)
+    ids = {name: uuid.uuid4() for name in "abcd"}
+    async with unit_of_work(stack.sessions) as session:
+        await repository.store_invitations(
+            session,
+            [
+                {
+                    "invitation_id": ids[name],
+                    "token": f"close-the-loop-{name}",
+                    "survey_id": "relationship-nps",
+                    "metric": "nps",
+                    "customer_id": f"cust-{name}",
+                    "locale": "fi",
+                    "survey_channel": "email",
+                    "expires_at": datetime(2027, 1, 1, tzinfo=UTC),
+                    "created_at": t0,
+                    "team": "north",
+                }
+                for name in ids
+            ],
+        )
+
+    async def answer(name: str, score: int, when: datetime) -> uuid.UUID:
+        async with unit_of_work(stack.sessions) as session:
+            inv = await repository.invitation_by_token(session, f"close-the-loop-{name}")
+            assert inv is not None
+            saved = await repository.save_response(
+                session, inv, score=score, comment=None, now=when, day=local_day(when, ZONE)
+            )
+            await alerting.record(session, stack.program, saved, when)
+            return saved.response_id
+
+    async def follow_up(response_id: uuid.UUID, status: str, when: datetime) -> None:
+        stack.clock.now = when
+        r = await stack.http.patch(
+            f"/v1/responses/{response_id}", json={"status": status}, headers=AUTH
+        )
+        assert r.status_code == 200, r.text
+
+    async def figures(period: str = "none") -> dict[str | None, tuple[Any, ...]]:
+        r = await stack.http.get(
+            "/v1/scores",
+            params={
+                "survey": "relationship-nps",
+                "from": "2026-02-01",
+                "to": "2026-04-01",
+                "period": period,
+                "group_by": "team",
+            },
+            headers=AUTH,
+        )
+        assert r.status_code == 200, r.text
+        return {
+            row["period_start"]: (
+                row["alerts"],
+                row["loop_closure_rate"],
+                row["median_minutes_to_contact"],
+                row["suspected_bots"],
+            )
+            for row in r.json()["rows"]
+        }
+
+    a = await answer("a", 3, t0)
+    await answer("b", 2, t0 + timedelta(hours=1))
+    c = await answer("c", 9, t0 + timedelta(hours=1))  # a promoter: no alert
+    d = await answer("d", 5, t0 + timedelta(hours=2))
+    assert await figures() == {None: (3, 0.0, None, 0)}
+
+    waited = timedelta(minutes=10, seconds=30, microseconds=250)
+    await follow_up(a, "contacted", t0 + waited)
+    wait_a = waited.total_seconds() / 60  # 10.504170833… minutes, to the microsecond
+    assert await figures() == {None: (3, 1 / 3, wait_a, 0)}
+    await follow_up(d, "resolved", t0 + timedelta(hours=2, minutes=20))  # contacted too
+    assert await figures() == {None: (3, 2 / 3, (wait_a + 20) / 2, 0)}
+    await follow_up(a, "open", t0 + timedelta(days=1))  # contacted_at stays the first one
+    await follow_up(a, "resolved", t0 + timedelta(days=2))
+    assert await figures() == {None: (3, 2 / 3, (wait_a + 20) / 2, 0)}
+
+    # Contacted before any alert: not an alert yet. Then the customer changes the answer to a
+    # detractor's: alerted after the contact, a wait of −30 minutes.
+    await follow_up(c, "contacted", t0 + timedelta(hours=2, minutes=30))
+    assert await figures() == {None: (3, 2 / 3, (wait_a + 20) / 2, 0)}
+    await answer("c", 1, t0 + timedelta(hours=3))
+    assert await figures() == {None: (4, 3 / 4, wait_a, 0)}
+
+    # B changes its answer in March: its alert moves with it, out of February.
+    await answer("b", 0, datetime(2026, 3, 5, 12, 0, tzinfo=UTC))
+    assert await figures("month") == {
+        "2026-02-01": (3, 1.0, wait_a, 0),
+        "2026-03-01": (1, 0.0, None, 0),
+    }
+
+    # A bot flag keeps D's alert (it was raised and handled); an erasure keeps A's figures.
+    async with unit_of_work(stack.sessions) as session:
+        found = await repository.response_by_id(session, d)
+        assert found is not None
+        await repository.flag_bot(session, found, "trap")
+    erased = await stack.http.delete("/v1/customers/cust-a", headers=AUTH)
+    assert erased.status_code == 202
+    assert await figures("month") == {
+        "2026-02-01": (3, 1.0, wait_a, 1),
+        "2026-03-01": (1, 0.0, None, 0),
+    }
+    # The multi-segment path (the cells) says the same.
+    r = await stack.http.get(
+        "/v1/scores",
+        params={"survey": "relationship-nps", "period": "month", "group_by": "team,agent"},
+        headers=AUTH,
+    )
+    assert [
+        (row["alerts"], row["loop_closure_rate"], row["median_minutes_to_contact"])
+        for row in r.json()["rows"]
+    ] == [(3, 1.0, wait_a), (1, 0.0, None)]
 
 
 @pytest.mark.parametrize(
@@ -453,6 +682,24 @@ def test_rollup_ranges(
     # No gap and no overlap: each range ends where the next begins.
     assert (ranges[0][1], ranges[-1][2]) == (since, until)
     assert all(a[2] == b[1] for a, b in itertools.pairwise(ranges))
+
+
+@pytest.mark.parametrize(
+    ("segments", "grouping"),
+    [
+        ((), ()),
+        (("team",), ("team",)),
+        (("account_id",), ("account_id",)),
+        (("agent", "team"), ("team", "agent")),
+        (("channel", "touchpoint"), ("touchpoint", "channel")),
+        (("channel", "team"), ("touchpoint", "channel", "team", "agent")),
+        (("touchpoint", "channel", "team", "agent"), ("touchpoint", "channel", "team", "agent")),
+        (("team", "account_id"), None),  # the full cells
+    ],
+)
+def test_rollup_set(segments: tuple[str, ...], grouping: tuple[str, ...] | None) -> None:
+    q = repository.CellQuery(("s",), None, None, "month", segments)
+    assert repository.rollup_set(q) == grouping
 
 
 async def test_survey_and_metric_filters(stack: Stack) -> None:
