@@ -12,7 +12,7 @@ from services.collector.outbox import ResponseRelay
 from services.collector.pages import Pages
 from services.common import events
 from services.common.events import INVITATION_MESSAGE, DeliveryRecorded
-from services.common.http import bearer_auth
+from services.common.http import bearer_auth, install_body_limit
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
@@ -59,6 +59,7 @@ def create_app(
         changes.notify()
 
     app = service_app("kaiku collector", runtime)
+    install_body_limit(app, settings.http.max_body_bytes, settings.http.body_timeout_seconds)
     app.include_router(
         links.router(
             program=program,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 from urllib.parse import parse_qs, quote
 from zoneinfo import ZoneInfo
 
@@ -56,7 +57,7 @@ FORM_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "score": {"type": "integer"},
+                        "score": {"type": "integer", "minimum": 0, "maximum": 10},
                         "comment": {"type": "string"},
                         "locale": {"type": "string"},
                     },
@@ -67,15 +68,46 @@ FORM_BODY = {
 }
 
 
+def documented(
+    pages: dict[int, str], errors: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a link route: the pages it answers with (a damaged, unknown or
+    expired link), and its JSON errors (``ErrorResponse``)."""
+    out: dict[int | str, dict[str, Any]] = {
+        code: {"description": text, "content": {"text/html": {"schema": {"type": "string"}}}}
+        for code, text in pages.items()
+    }
+    for code, text in (errors or {}).items():
+        entry = out.setdefault(code, {"description": text, "content": {}})
+        if code in pages:
+            entry["description"] += "; or " + text
+        entry["content"]["application/json"] = {
+            "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+        }
+    return out
+
+
+LINK_PAGES = {
+    400: "A damaged or forged link (a page)",
+    404: "An unknown or erased invitation (a page)",
+}
+SURVEY_PAGES = {**LINK_PAGES, 410: "An expired or cancelled invitation (a page)"}
+PARAMETER_ERRORS = {422: "A parameter with a NUL character"}
+
+
 def _page(html: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
 
 
 def _form(body: bytes) -> dict[str, list[str]]:
     try:
-        return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20)
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "bad_form", "the form could not be read") from None
+    # PostgreSQL text cannot hold a NUL: refused here rather than failing (500) in the database.
+    if any("\x00" in name + "".join(values) for name, values in form.items()):
+        raise ApiError(400, "bad_form", "the form holds a NUL character")
+    return form
 
 
 def router(
@@ -138,7 +170,12 @@ def router(
         )
         return _page(html, status)
 
-    @api.get("/s/{token}", response_class=HTMLResponse, summary="The survey page")
+    @api.get(
+        "/s/{token}",
+        response_class=HTMLResponse,
+        responses=documented(SURVEY_PAGES, PARAMETER_ERRORS),
+        summary="The survey page",
+    )
     async def survey_page(
         token: str, request: Request, score: str | None = None, lang: str | None = None
     ) -> Response:
@@ -172,6 +209,18 @@ def router(
     @api.post(
         "/s/{token}",
         response_class=HTMLResponse,
+        responses={
+            303: {"description": "The answer is stored: on to the thank-you page"},
+            **documented(
+                {**SURVEY_PAGES, 422: "The form again, saying what is missing or wrong"},
+                {
+                    400: "A form that cannot be read",
+                    413: "Body too large",
+                    415: "Not a form",
+                    **PARAMETER_ERRORS,
+                },
+            ),
+        },
         summary="Answer the survey",
         openapi_extra=FORM_BODY,
     )
@@ -236,7 +285,12 @@ def router(
             headers=PAGE_HEADERS,
         )
 
-    @api.get("/s/{token}/thanks", response_class=HTMLResponse, summary="The thank-you page")
+    @api.get(
+        "/s/{token}/thanks",
+        response_class=HTMLResponse,
+        responses=documented(SURVEY_PAGES, PARAMETER_ERRORS),
+        summary="The thank-you page",
+    )
     async def thanks(token: str, request: Request, lang: str | None = None) -> Response:
         async with unit_of_work(sessions) as session:
             found = await load(session, token, request)
@@ -256,6 +310,7 @@ def router(
     @api.get(
         "/s/{token}/trap",
         response_class=HTMLResponse,
+        responses=documented(LINK_PAGES, PARAMETER_ERRORS),
         summary="The hidden link in the email and the page that only link scanners follow",
     )
     async def trap(token: str) -> Response:
@@ -278,7 +333,12 @@ def router(
         on_change()
         return _page("<!doctype html><title>.</title>", 200)
 
-    @api.get("/u/{token}", response_class=HTMLResponse, summary="The unsubscribe page")
+    @api.get(
+        "/u/{token}",
+        response_class=HTMLResponse,
+        responses=documented(LINK_PAGES, PARAMETER_ERRORS),
+        summary="The unsubscribe page",
+    )
     async def unsubscribe_page(token: str, request: Request, lang: str | None = None) -> Response:
         async with unit_of_work(sessions) as session:
             found = await load(session, token, request, unsubscribe=True)
@@ -291,6 +351,7 @@ def router(
     @api.post(
         "/u/{token}",
         response_class=HTMLResponse,
+        responses=documented(LINK_PAGES, {413: "Body too large", **PARAMETER_ERRORS}),
         summary="Unsubscribe (the page's button, or a mail client's RFC 8058 one-click POST)",
     )
     async def unsubscribe(token: str, request: Request) -> Response:

@@ -62,7 +62,7 @@ def _check_timezone(value: str | None) -> str | None:
         return None
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: "America", a folder
         raise ValueError(f"unknown IANA time zone {value!r}") from exc
     return value
 
@@ -77,6 +77,38 @@ def _check_locale(value: str | None) -> str | None:
 
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
 Locale = Annotated[str, AfterValidator(_check_locale)]
+
+
+# Deepest nesting of an event's content: deeper JSON stops parsers and serializers (pydantic's
+# at about 200 levels), so an event accepted deeper could not be published or consumed.
+MAX_DEPTH = 32
+
+
+def why_unstorable(value: Any) -> str | None:
+    """Why a message's content can never be processed, or None: a NUL character in a string
+    or a key (PostgreSQL text and jsonb cannot store one), or nesting deeper than ``MAX_DEPTH``.
+    Walks strings, dicts, lists and models iteratively: the input may be nested as deep as the
+    JSON parser allowed."""
+    pending: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while pending:
+        node, where, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return f"{where}: nested more than {MAX_DEPTH} levels deep"
+        if isinstance(node, BaseModel):
+            node = {**node.__dict__, **(node.model_extra or {})}
+        if isinstance(node, str):
+            if "\x00" in node:
+                return f"{where or '(message)'}: NUL characters are not allowed"
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                path = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{where or '(message)'}: NUL characters are not allowed"
+                pending.append((item, path, depth + 1))
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                pending.append((item, f"{where}.{i}" if where else str(i), depth + 1))
+    return None
 
 
 def utcnow() -> datetime:
@@ -140,6 +172,9 @@ class CloudEvent(BaseModel):
                 raise ValueError(
                     f"{name!r}: CloudEvents attribute names are lower-case letters and digits"
                 )
+        problem = why_unstorable(self)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property

@@ -36,7 +36,10 @@ def _duration(value: Any) -> Any:
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+            try:
+                return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+            except OverflowError:
+                raise ValueError(f"{value.strip()} is longer than any duration") from None
     return value
 
 
@@ -112,6 +115,8 @@ class Condition(_Model):
                 re.compile(self.matches)
             except re.error as exc:
                 raise ValueError(f"matches: not a regular expression: {exc}") from None
+            except (OverflowError, RecursionError):  # a{99999999999}, thousands of groups
+                raise ValueError("matches: the regular expression is too large") from None
         return self
 
     @property
@@ -499,6 +504,10 @@ def parse_program(text: str, source: str = "<program>") -> Program:
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ProgramError([f"{source}:1:1: invalid YAML: nested too deeply"]) from None
+    except ValueError as exc:  # a date that is no date (2026-02-30), a number too long to read
+        raise ProgramError([f"{source}:1:1: invalid YAML: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f"{mark.line + 1}:{mark.column + 1}" if mark else "1:1"
@@ -528,4 +537,6 @@ def load_program(path: Path | str) -> Program:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProgramError([f"{path}: cannot read the program: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ProgramError([f"{path}: the program is not UTF-8 text ({exc.reason})"]) from exc
     return parse_program(text, str(path))

@@ -9,6 +9,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def json_body(request: WebhookRequest) -> Any:
     """The body as JSON, or ``malformed`` (400)."""
     try:
         return json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, too long a number, too deep
         raise malformed("the body is not valid JSON") from None
 
 
@@ -97,7 +98,12 @@ def required_signing_keys(secret: SecretStr | None, setting: str, why: str = "")
 
 def require_fresh(timestamp: float, now: datetime, tolerance: float, what: str) -> None:
     """Refuse requests older (or further in the future) than ``tolerance`` seconds: replays."""
-    age = now.timestamp() - timestamp
+    try:
+        age = now.timestamp() - timestamp
+    except OverflowError:  # an integer beyond any float
+        age = -math.inf if timestamp > 0 else math.inf
+    if not math.isfinite(age):  # NaN, or beyond any float
+        raise unauthorized(f"{what} is not a usable time")
     if abs(age) > tolerance:
         raise unauthorized(
             f"{what} is {abs(age):.0f}s {'old' if age > 0 else 'in the future'}; "
@@ -117,7 +123,7 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, text that is not ASCII, bytes that are not UTF-8
         return None
     username, colon, password = decoded.partition(":")
     return (username, password) if colon else None

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from services.common import events
 from services.common.events import INVITATION_MESSAGE, OPTOUT_MESSAGE, ResponseSubmitted
+from services.common.http import install_body_limit
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
@@ -76,6 +77,7 @@ def create_app(
     runtime.add_worker("scheduler", scheduler.run, scheduler.stop)
 
     app = service_app("kaiku dispatcher", runtime)
+    install_body_limit(app, settings.http.max_body_bytes, settings.http.body_timeout_seconds)
     app.include_router(
         receipts.router(
             providers.receipt_sources(dispatcher),

@@ -12,7 +12,7 @@ from services.common.events import (
     DeliveryRecorded,
     ResponseSubmitted,
 )
-from services.common.http import bearer_auth
+from services.common.http import bearer_auth, install_body_limit
 from services.common.kafka import json_decoder
 from services.common.program import Program, load_program
 from services.common.runtime import Runtime, service_app
@@ -80,6 +80,7 @@ def create_app(
     )
 
     app = service_app("kaiku trigger", runtime)
+    install_body_limit(app, settings.http.max_body_bytes, settings.http.body_timeout_seconds)
     app.include_router(
         webhooks.router(
             registry.configured() if vendors is None else vendors,

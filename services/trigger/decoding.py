@@ -22,10 +22,16 @@ _structured = json_decoder(CloudEvent)
 
 
 def decode_event(record: ConsumerRecord) -> CloudEvent:
-    headers: dict[str, bytes] = {k.lower(): v for k, v in (record.headers or ())}
-    if "ce_specversion" not in headers:
+    given: dict[str, bytes | None] = {k.lower(): v for k, v in (record.headers or ())}
+    if "ce_specversion" not in given:
         event: CloudEvent = _structured(record)
         return event
+    headers: dict[str, bytes] = {}
+    for name, value in given.items():
+        if value is not None:
+            headers[name] = value
+        elif name.startswith("ce_") or name == "content-type":  # Kafka allows null values
+            raise InvalidMessage(f"binary mode: the {name} header has no value")
     try:
         attributes: dict[str, Any] = {
             name[3:]: value.decode("utf-8")
@@ -42,7 +48,7 @@ def decode_event(record: ConsumerRecord) -> CloudEvent:
         raise InvalidMessage("binary mode: the record has no data")
     try:
         data = json.loads(record.value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, too long a number, too deep
         raise InvalidMessage(f"malformed JSON: {exc}") from None
     try:
         return CloudEvent.model_validate({**attributes, "data": data})

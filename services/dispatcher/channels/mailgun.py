@@ -310,7 +310,7 @@ class MailgunReceipts:
     def verify(self, request: WebhookRequest) -> None:
         try:
             body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8 or JSON, too long a number, too deep
             raise unauthorized("the body is not JSON, so it carries no Mailgun signature") from None
         block = body.get("signature") if isinstance(body, dict) else None
         if not isinstance(block, dict):

@@ -183,7 +183,7 @@ def iana_zone(name: str | None) -> str | None:
     if "/" in name:
         try:
             zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder
             return None
         return name
     suffix = "/" + name.replace(" ", "_")

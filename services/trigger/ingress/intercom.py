@@ -88,7 +88,7 @@ def sign(secret: str, body: bytes) -> str:
 def _created_at(body: bytes) -> float | None:
     try:
         parsed = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         return None  # items() answers 400
     value = parsed.get("created_at") if isinstance(parsed, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
