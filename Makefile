@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chromium lint format schemas bench clean
+.PHONY: run test chaos chromium lint format schemas bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/kaiku run
 
-## test: every test, against the real broker (started by the tests) and PostgreSQL
+## test: every test, against the real broker (started by the tests) and PostgreSQL; the fault
+## tests (kill -9, a PostgreSQL restart, a paused broker) are `make chaos`, which CI runs too
 test: $(STAMP) chromium
-	$(BIN)/pytest
+	$(BIN)/pytest --ignore=tests/faults
+
+## chaos: the fault tests (tests/faults): services killed, PostgreSQL restarted, the broker paused
+chaos: $(STAMP)
+	$(BIN)/pytest tests/faults
 
 # The page tests drive Debian's chromium through Playwright (never a downloaded browser build).
 chromium:

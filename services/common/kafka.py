@@ -198,11 +198,19 @@ async def ensure_topics(settings: KafkaSettings, names: Sequence[str] = events.A
 
 
 class Producer:
-    """The service's one producer; ``publish`` returns once the broker acknowledged every one."""
+    """The service's one producer; ``publish`` returns once the broker acknowledged every one.
+
+    A publish abandoned by its caller (an ingress that stopped waiting and answered 503) stays
+    queued in the client and is still written once the broker answers again: a timeout means
+    "not known to be stored", never "not stored". ``stalled`` says that sends have waited
+    longer than a given time for the broker, so an ingress can refuse at once instead of
+    queueing more messages it would then refuse too (and which would be stored later)."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
+        # The start times of the publishes still waiting for the broker's acknowledgement.
+        self._waiting: dict[int, float] = {}
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -230,14 +238,33 @@ class Producer:
                 )
             )
             PRODUCED.labels(topic=m.topic).inc()
-        if futures:
-            await asyncio.gather(*futures)
+        if not futures:
+            return
+        acknowledged = asyncio.gather(*futures)
+        key = id(acknowledged)
+        self._waiting[key] = time.monotonic()
+
+        def settled(done: asyncio.Future[list[Any]]) -> None:
+            self._waiting.pop(key, None)
+            if not done.cancelled():
+                done.exception()  # retrieved here; the caller, if still waiting, gets it too
+
+        acknowledged.add_done_callback(settled)
+        # Shielded: a caller that stops waiting leaves the sends to finish (they are queued in
+        # the client either way), so that ``stalled`` keeps counting them until they do.
+        await asyncio.shield(acknowledged)
+
+    def stalled(self, seconds: float) -> bool:
+        """Some publish has waited more than ``seconds`` for the broker and still waits."""
+        oldest = min(self._waiting.values(), default=None)
+        return oldest is not None and time.monotonic() - oldest > seconds
 
     async def ping(self) -> bool:
-        if self._producer is None:
+        if self._producer is None or self.stalled(self.settings.produce_timeout_seconds):
             return False
         try:
-            await self._producer.client.fetch_all_metadata()
+            async with asyncio.timeout(self.settings.produce_timeout_seconds):
+                await self._producer.client.fetch_all_metadata()
         except Exception:  # readiness only reports
             log.warning("broker is not reachable", exc_info=True)
             return False

@@ -11,8 +11,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.db import UtcDateTime, metadata
 
-# pending → sending → sent | failed; sending with no outcome after a crash → in_doubt
-STATUSES = ("pending", "sending", "sent", "failed", "in_doubt", "cancelled")
+# pending → claimed → sending → sent | failed; sending with no outcome after a crash → in_doubt;
+# claimed and never started at a crash → pending again
+STATUSES = ("pending", "claimed", "sending", "sent", "failed", "in_doubt", "cancelled")
 KINDS = ("invitation", "reminder")
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import claim_oldest, upsert_insert
@@ -105,6 +105,28 @@ async def update_sends(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
         by_columns.setdefault(tuple(sorted(row)), []).append(row)
     for batch in by_columns.values():
         await session.execute(update(Send), batch)
+
+
+async def release_claims(
+    session: AsyncSession, *, instance: str, lease_expired_before: datetime
+) -> int:
+    """Sends claimed by a crashed round and never started (the provider was not called):
+    ours (we restarted) or anyone's past the lease go back to pending, their attempt uncounted."""
+    stmt = (
+        update(Send)
+        .where(
+            Send.status == "claimed",
+            or_(Send.claimed_by == instance, Send.claimed_at < lease_expired_before),
+        )
+        .values(
+            status="pending",
+            claimed_by=None,
+            claimed_at=None,
+            attempts=case((Send.attempts > 0, Send.attempts - 1), else_=0),
+        )
+        .returning(Send.invitation_id)
+    )
+    return len((await session.execute(stmt)).all())
 
 
 async def mark_in_doubt(

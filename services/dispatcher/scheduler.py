@@ -1,8 +1,10 @@
 """Sends due messages: claims them in batches, sends, records the outcome, publishes deliveries.
 
-A send goes pending → sending (committed before the provider is called) → sent | failed. A crash
-between the two commits leaves it in ``sending``; it is then marked ``in_doubt`` and never retried
-blindly, because a survey sent twice annoys more than one not sent. Transient provider errors put
+A send goes pending → claimed (a round's batch, committed) → sending (committed just before the
+provider is called, ``send_concurrency`` sends at a time) → sent | failed. A crash between the
+last two commits leaves it in ``sending``; it is then marked ``in_doubt`` and never retried
+blindly, because a survey sent twice annoys more than one not sent. A send still ``claimed`` at a
+crash was never started: it goes back to pending. Transient provider errors put
 the send back to pending with exponential back-off and jitter, a bounded number of times.
 Asked to stop (SIGTERM), the scheduler finishes the sends in flight and records them, and
 releases the claimed sends it has not started (back to pending, for any replica's next round).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,6 +62,9 @@ IN_DOUBT = Counter(
     "kaiku_invitations_in_doubt_total",
     "Sends interrupted between start and recorded outcome (never retried)",
 )
+# Attempts at a round's writes after its claim while the database is away (a minute in all).
+DB_ATTEMPTS = 16
+
 HELD = Counter(
     "kaiku_sends_held_total",
     "Due messages not sent at their time, by reason (quiet_hours moves; the others cancel)",
@@ -136,12 +141,20 @@ class Scheduler(Worker):
     async def recover(self) -> None:
         now = self.clock()
         async with unit_of_work(self.sessions) as session:
+            lease_expired_before = now - timedelta(seconds=self.settings.sending_lease_seconds)
+            back = await repository.release_claims(
+                session,
+                instance=self.settings.instance_id,
+                lease_expired_before=lease_expired_before,
+            )
             n = await repository.mark_in_doubt(
                 session,
                 now=now,
                 instance=self.settings.instance_id,
-                lease_expired_before=now - timedelta(seconds=self.settings.sending_lease_seconds),
+                lease_expired_before=lease_expired_before,
             )
+        if back:
+            log.info("%d claimed send(s) not started before a crash: pending again", back)
         if n:
             IN_DOUBT.inc(n)
             log.warning("%d send(s) were interrupted by a crash and are now in doubt", n)
@@ -165,28 +178,80 @@ class Scheduler(Worker):
         for s in claimed:  # as committed (the rows are detached now)
             # From the values before the claim: the ORM's bulk update may already have
             # refreshed these objects, and counting from them would count an attempt twice.
-            s.status, s.attempts = "sending", tried[s.invitation_id, s.kind] + 1
+            s.status, s.attempts = "claimed", tried[s.invitation_id, s.kind] + 1
         await afailpoint("dispatcher.after_claim")
-        if claimed:
-            outcomes = await asyncio.gather(*(self._send_one(s) for s in claimed))
-            await afailpoint("dispatcher.after_send")
+        # A chunk of ``send_concurrency`` at a time is marked ``sending`` (committed) right
+        # before its provider calls: a crash leaves that chunk in doubt, while the claimed sends
+        # not started yet are handed back (``recover``), never in doubt.
+        step = max(1, self.settings.send_concurrency)
+        for at in range(0, len(claimed), step):
+            chunk = claimed[at : at + step]
+            if self.stopping:
+                outcomes: list[tuple[SendResult, OutboundSms | None] | None] = [None] * len(chunk)
+            else:
+                await self._mark_sending(chunk)
+                outcomes = list(await asyncio.gather(*(self._send_one(s) for s in chunk)))
+                await afailpoint("dispatcher.after_send")
             # On shutdown the sends not started are released for the next round of any replica.
-            done = [(s, o) for s, o in zip(claimed, outcomes, strict=True) if o is not None]
+            done = [(s, o) for s, o in zip(chunk, outcomes, strict=True) if o is not None]
             released = [
                 _released(s, tried[s.invitation_id, s.kind])
-                for s, o in zip(claimed, outcomes, strict=True)
+                for s, o in zip(chunk, outcomes, strict=True)
                 if o is None
             ]
-            async with unit_of_work(self.sessions) as session:
-                await self._record(session, [s for s, _ in done], [o for _, o in done])
-                await repository.update_sends(session, released)
+            await self._record_retrying(done, released)
             if released:
                 log.info("stopping: %d claimed send(s) not started, released", len(released))
         return len(due)
 
+    async def _mark_sending(self, chunk: list[Send]) -> None:
+        async def mark() -> None:
+            async with unit_of_work(self.sessions) as session:
+                await repository.update_sends(
+                    session,
+                    [
+                        {"invitation_id": s.invitation_id, "kind": s.kind, "status": "sending"}
+                        for s in chunk
+                    ],
+                )
+
+        await self._retrying(f"marking {len(chunk)} send(s) started", mark)
+        for s in chunk:
+            s.status = "sending"
+
+    async def _record_retrying(
+        self,
+        done: list[tuple[Send, tuple[SendResult, OutboundSms | None]]],
+        released: list[dict[str, Any]],
+    ) -> None:
+        """Record the outcomes of the sends made and release the ones not started. The
+        outcomes exist only here: a send left ``sending`` would be taken for one interrupted by
+        a crash (in doubt)."""
+
+        async def record() -> None:
+            async with unit_of_work(self.sessions) as session:
+                await self._record(session, [s for s, _ in done], [o for _, o in done])
+                await repository.update_sends(session, released)
+
+        await self._retrying(f"recording {len(done)} send outcome(s)", record)
+
+    async def _retrying(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """``work`` in a round that claimed sends, retried while the database is briefly away
+        (a restart, a fail-over), so the round neither leaves its claims nor loses outcomes."""
+        for attempt in range(DB_ATTEMPTS):
+            try:
+                await work()
+                return
+            except Exception as exc:
+                if not is_transient(exc) or attempt == DB_ATTEMPTS - 1:
+                    raise
+                delay = min(5.0, 0.2 * 2**attempt)
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+
     async def _claim(self, session: AsyncSession, due: list[Send], now: datetime) -> list[Send]:
-        """Check each due send again; mark the ones to send ``sending`` (committed before any
-        provider is called) and hold the rest."""
+        """Check each due send again; mark the ones to send ``claimed`` (committed, so no other
+        replica takes them) and hold the rest."""
         keys = set()
         for s in due:
             keys.add((s.channel, repository.customer_key(s.customer_id)))
@@ -225,7 +290,7 @@ class Scheduler(Worker):
         return _Verdict(
             True,
             {
-                "status": "sending",
+                "status": "claimed",
                 "claimed_by": self.settings.instance_id,
                 "claimed_at": now,
                 "attempts": s.attempts + 1,

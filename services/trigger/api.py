@@ -46,7 +46,7 @@ def parse_events(body: bytes, max_events: int) -> list[CloudEvent]:
     """Decode one CloudEvent or a JSON array of them, naming the failing field on error."""
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, too long a number, too deep
         where = (
             f" at line {exc.lineno} column {exc.colno}"
             if isinstance(exc, json.JSONDecodeError)
@@ -84,18 +84,28 @@ def event_message(event: CloudEvent) -> Outgoing:
 
 async def publish_or_unavailable(producer: Producer, messages: list[Outgoing]) -> None:
     """Publish and await the broker's acknowledgement, or answer 503 with Retry-After: an
-    ingress never accepts what it could not store."""
+    ingress never accepts what it could not store.
+
+    A 503 after waiting the whole timeout leaves the messages queued in the producer, written
+    if the broker comes back (a sender's retry with the same id is then a duplicate, which the
+    trigger ignores); while earlier sends still wait for the broker beyond the timeout, nothing
+    more is queued: the answer is 503 at once and the events are not stored."""
+    timeout = producer.settings.produce_timeout_seconds
+    unavailable = ApiError(
+        503,
+        "unavailable",
+        "the event store is unavailable; retry later",
+        headers={"Retry-After": "5"},
+    )
+    if producer.stalled(timeout):
+        log.warning("not accepted: the broker has not acknowledged for %.0fs", timeout)
+        raise unavailable
     try:
-        async with asyncio.timeout(producer.settings.produce_timeout_seconds):
+        async with asyncio.timeout(timeout):
             await producer.publish(messages)
     except (KafkaError, TimeoutError) as exc:
         log.warning("not accepted: the broker did not acknowledge (%s)", type(exc).__name__)
-        raise ApiError(
-            503,
-            "unavailable",
-            "the event store is unavailable; retry later",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise unavailable from None
 
 
 def router(producer: Producer, auth: Any, max_body: int, max_events: int) -> APIRouter:

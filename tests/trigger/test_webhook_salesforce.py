@@ -272,6 +272,9 @@ class RecordingProducer:
     async def publish(self, messages: list[Outgoing]) -> None:
         self.published.extend(messages)
 
+    def stalled(self, seconds: float) -> bool:
+        return False
+
 
 async def test_the_route_answers_salesforce_with_the_ack_after_publishing() -> None:
     producer = RecordingProducer()
