@@ -270,9 +270,11 @@ async def run(var: Path = Path("var")) -> int:
     )
     outbox = Path(os.environ.get("KAIKU_OUTBOX_DIR", var / "outbox"))
     text = banner(base_url, token, generated, outbox)
-    app = build(settings, var, on_ready=lambda: print(text, flush=True))
+    app = build(settings, var)
     try:
-        return await serve_app(app, app.runtimes, settings.http)
+        return await serve_app(
+            app, app.runtimes, settings.http, on_listening=lambda: print(text, flush=True)
+        )
     finally:
         if broker is not None:
             broker.stop()

@@ -72,7 +72,20 @@ async def _watch(runtimes: Sequence[Runtime], server: _Server) -> None:
     server.begin_shutdown("a consumer or worker died")
 
 
-async def serve_app(app: Any, runtimes: Sequence[Runtime], http: HttpSettings) -> int:
+async def _when_listening(server: uvicorn.Server, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once the server accepts connections (uvicorn binds its socket only after
+    the lifespan's startup, so a line printed at startup could name a port not yet open)."""
+    while not server.started:  # noqa: ASYNC110 - uvicorn sets a flag, it has no event
+        await asyncio.sleep(0.02)
+    callback()
+
+
+async def serve_app(
+    app: Any,
+    runtimes: Sequence[Runtime],
+    http: HttpSettings,
+    on_listening: Callable[[], None] | None = None,
+) -> int:
     http_seconds, drain_seconds = shutdown_budget(http.shutdown_seconds)
     for runtime in runtimes:
         runtime.shutdown_seconds = http.shutdown_seconds
@@ -89,11 +102,14 @@ async def serve_app(app: Any, runtimes: Sequence[Runtime], http: HttpSettings) -
     )
     server = _Server(config, runtimes, http.shutdown_seconds)
     server.loop = asyncio.get_running_loop()
-    watcher = asyncio.create_task(_watch(runtimes, server))
+    watchers = [asyncio.create_task(_watch(runtimes, server))]
+    if on_listening is not None:
+        watchers.append(asyncio.create_task(_when_listening(server, on_listening)))
     try:
         await server.serve()
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
     if any(r.failed.is_set() for r in runtimes):
         return 1
     if server.started:
