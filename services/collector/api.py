@@ -1,9 +1,9 @@
 """The collector's JSON API: scores (docs/scores.md).
 
 ``GET /v1/scores`` reads pre-aggregated counts only (sums grouped in SQL), never the answers
-one by one: the per-segment roll-ups when it groups by at most one segment, the full cells
-otherwise (``repository.uses_rollups``); the close-the-loop figures come from the same
-counts and, for the median wait, from ``collector_contact_cells``.
+one by one: the roll-ups of a grouping set when one covers its segments, the full cells
+otherwise (``repository.rollup_set``); the close-the-loop figures come from the same counts
+and, for the median wait, from ``collector_contact_waits``.
 """
 
 from __future__ import annotations

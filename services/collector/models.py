@@ -175,18 +175,26 @@ class ScoreCell(CellKey, Base):
     contacted: Mapped[int] = _count()
 
 
-class ContactCell(CellKey, Base):
-    """How many alerted answers were contacted ``wait_us`` microseconds after their alert
-    (``contacted_at − alerted_at``, negative when the contact came first) on this day (the
-    answer's) in this segment: the exact waits whose median is ``median_minutes_to_contact``.
-    Only contacted alerts have a row, so the table is small beside the score cells."""
+class ContactWait(Base):
+    """One contacted alert: the answer's cell (survey, day in the reporting time zone, segments
+    with "" for one the event did not carry) and ``wait_us``, the microseconds from its alert to
+    its first contact (``contacted_at − alerted_at``; negative when the contact came first): the
+    exact waits whose median is ``median_minutes_to_contact``. Kept with the answer like the
+    cells (``repository.count_answer``); only contacted alerts have a row, so the table is small
+    beside the score cells."""
 
-    __tablename__ = "collector_contact_cells"
+    __tablename__ = "collector_contact_waits"
+    __table_args__ = (Index("ix_collector_contact_waits_survey_day", "survey_id", "day"),)
 
-    wait_us: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True
-    )
-    n: Mapped[int] = _count()
+    response_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    survey_id: Mapped[str] = mapped_column(String(100))
+    day: Mapped[date] = mapped_column(Date)
+    touchpoint: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(200))
+    team: Mapped[str] = mapped_column(String(200))
+    agent: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(String(200))
+    wait_us: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
 
 
 class DeliveryCell(CellKey, Base):

@@ -6,7 +6,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import (
     AlertDelivery,
-    ContactCell,
+    ContactWait,
     DeliveryCell,
     DeliveryRollup,
     EarlyDelivery,
@@ -70,6 +70,7 @@ class Counted:
     timestamps with microseconds). Taken before a change and compared with the answer after
     it, it says what moves between the cells (``count_answer``)."""
 
+    response_id: uuid.UUID
     cell: Key
     score: int
     suspected_bot: bool
@@ -82,6 +83,7 @@ def counted(r: Response) -> Counted:
     if r.alerted_at is not None and r.contacted_at is not None:
         wait = (r.contacted_at - r.alerted_at) // timedelta(microseconds=1)
     return Counted(
+        response_id=r.response_id,
         cell=(("survey_id", r.survey_id), ("day", r.day), *segment_key(r).items()),
         score=NO_SCORE if r.score is None else r.score,
         suspected_bot=r.suspected_bot,
@@ -91,13 +93,7 @@ def counted(r: Response) -> Counted:
 
 
 GRAINS = ("day", "month")
-CellModel = (
-    type[ScoreCell]
-    | type[DeliveryCell]
-    | type[ScoreRollup]
-    | type[DeliveryRollup]
-    | type[ContactCell]
-)
+CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[DeliveryRollup]
 
 
 # The grouping sets the roll-ups keep, smallest first: none, each segment alone, the two
@@ -172,14 +168,14 @@ async def count_answer(
     (its state before the change, from ``counted``), into what ``after`` counts: its score cell
     (``n``, ``alerted``, ``contacted``), that cell's roll-up rows (one per grain and grouping
     set: a column per score, ``bots``, ``alerted``, ``contacted``) and, for a contacted alert,
-    its wait in ``collector_contact_cells``. Same transaction as the answer, so the cells always
+    its row in ``collector_contact_waits``. Same transaction as the answer, so the cells always
     equal a recount of the answers; one statement per table. Callers: ``save_response`` (a new
     or changed answer), ``flag_bot``, ``record_alert`` (the first alert),
     ``set_followup_status`` (the first contact); an erasure changes nothing counted."""
     new = counted(after) if after is not None else None
     if before == new:
         return
-    cells, rollups, contacts = _Deltas(), _Deltas(), _Deltas()
+    cells, rollups = _Deltas(), _Deltas()
     for state, sign in ((before, -1), (new, 1)):
         if state is None:
             continue
@@ -190,11 +186,33 @@ async def count_answer(
         column = "bots" if state.suspected_bot else SCORE_COLUMNS[state.score]
         for key in _rollup_keys(state.cell):
             rollups.add(key, {column: 1, **alerts}, sign)
-        if state.wait_us is not None:
-            contacts.add((*state.cell, ("wait_us", state.wait_us)), {"n": 1}, sign)
     await _write(session, ScoreCell, cells)
     await _write(session, ScoreRollup, rollups)
-    await _write(session, ContactCell, contacts)
+    await _count_wait(session, before, new)
+
+
+async def _count_wait(session: AsyncSession, before: Counted | None, new: Counted | None) -> None:
+    """Keep the answer's row in ``collector_contact_waits``: there while it is a contacted
+    alert, with its cell and wait."""
+    was = (
+        (before.cell, before.wait_us) if before is not None and before.wait_us is not None else None
+    )
+    now = (new.cell, new.wait_us) if new is not None and new.wait_us is not None else None
+    if was == now:
+        return
+    if now is None:
+        assert before is not None
+        await session.execute(
+            delete(ContactWait).where(ContactWait.response_id == before.response_id)
+        )
+        return
+    assert new is not None and new.wait_us is not None
+    row = {"response_id": new.response_id, **dict(new.cell), "wait_us": new.wait_us}
+    stmt = upsert_insert(session)(ContactWait).values(row)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["response_id"], set_={k: v for k, v in row.items() if k != "response_id"}
+    )
+    await session.execute(stmt)
 
 
 async def mark_delivered(
@@ -753,8 +771,7 @@ def _group(row: Any, q: CellQuery) -> CellGroup:
 SCORE_VALUES = range(NO_SCORE, 11)  # every score a cell can hold: -1 (none) and 0…10
 
 
-@dataclass(slots=True)
-class CellSums:
+class CellSums(NamedTuple):
     """One group's counts: ``hist`` {score: answers} of the persons' answers with a score,
     ``skipped`` the persons' answers without one, the suspected bots' answers apart, how many
     answers (persons and bots) raised an alert and how many of those were contacted, and the
@@ -768,8 +785,7 @@ class CellSums:
     delivered: int
 
 
-@dataclass(frozen=True)
-class ContactWaits:
+class ContactWaits(NamedTuple):
     """One group's contacted alerts: how many, and the two middle waits (microseconds; the
     same one when the count is odd), whose mean is the exact median."""
 
@@ -920,7 +936,7 @@ async def cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup
     scores = SCORE_VALUES[1:]
     out = []
     for row in await _rows(session, stmt):
-        counts: tuple[int, ...] = tuple(row[width:])
+        counts: tuple[int, ...] = row[width:]
         # no_score, score_0 … score_10, bots, alerted, contacted, delivered
         hist = {s: c for s, c in zip(scores, counts[1:12], strict=True) if c}
         if hist or counts[0] or counts[12] or counts[15]:
@@ -932,33 +948,52 @@ async def cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup
 async def contact_waits(
     session: AsyncSession, q: CellQuery
 ) -> list[tuple[CellGroup, ContactWaits]]:
-    """Each group's contacted alerts and the middle of their waits, from
-    ``collector_contact_cells`` (a row per cell and exact wait: only contacted alerts, a few
-    per cent of the answers). The median is found in SQL without sorting in Python: a running
-    count of the waits in order within each group; the lower middle wait is the first whose
-    running count reaches half the group's count (2·upto ≥ total), the upper middle the first
-    that passes it (2·upto > total)."""
-    keys = _cell_keys(session, ContactCell, q)
-    inner = (
-        select(*(k.label(f"k{i}") for i, k in enumerate(keys)), ContactCell.wait_us, ContactCell.n)
-        .where(*_cell_where(ContactCell, q), ContactCell.n != 0)
-        .subquery()
-    )
-    part = [inner.c[f"k{i}"] for i in range(len(keys))]
-    ranked = select(
-        *part,
-        inner.c.wait_us,
-        func.sum(inner.c.n).over(partition_by=part, order_by=inner.c.wait_us).label("upto"),
-        func.sum(inner.c.n).over(partition_by=part).label("total"),
-    ).subquery()
-    by = [ranked.c[f"k{i}"] for i in range(len(keys))]
-    upto, total, wait = ranked.c.upto, ranked.c.total, ranked.c.wait_us
-    stmt = select(
-        *by,
-        func.max(total),
-        func.min(case((2 * upto >= total, wait))),
-        func.min(case((2 * upto > total, wait))),
-    ).group_by(*by)
+    """Each group's contacted alerts and the two middle waits, from ``collector_contact_waits``
+    (a row per contacted alert: a few per cent of the answers). On PostgreSQL the lower middle
+    is ``percentile_disc(0.5)`` of the waits in ascending order and the upper middle the same
+    in descending order (the first wait whose position reaches half the count, from either
+    end), the segments compared bytewise (``COLLATE "C"``: only equality matters). Elsewhere
+    (SQLite) a running count of each group's waits in order: the lower middle is the first
+    wait whose running count reaches half the group's (2·upto ≥ total), the upper middle the
+    first that passes it (2·upto > total)."""
+    postgres = session.bind is None or session.bind.dialect.name == "postgresql"
+    keys = _cell_keys(session, ContactWait, q)
+    where = _cell_where(ContactWait, q)
+    if postgres:
+        keys = keys[: len(keys) - len(q.segments)] + [
+            getattr(ContactWait, column).collate("C") for column in q.segments
+        ]
+        stmt = (
+            select(
+                *keys,
+                func.count(),
+                func.percentile_disc(0.5).within_group(ContactWait.wait_us),
+                func.percentile_disc(0.5).within_group(ContactWait.wait_us.desc()),
+            )
+            .where(*where)
+            .group_by(*keys)
+        )
+    else:
+        inner = (
+            select(*(k.label(f"k{i}") for i, k in enumerate(keys)), ContactWait.wait_us)
+            .where(*where)
+            .subquery()
+        )
+        part = [inner.c[f"k{i}"] for i in range(len(keys))]
+        ranked = select(
+            *part,
+            inner.c.wait_us,
+            func.count().over(partition_by=part, order_by=inner.c.wait_us).label("upto"),
+            func.count().over(partition_by=part).label("total"),
+        ).subquery()
+        by = [ranked.c[f"k{i}"] for i in range(len(keys))]
+        upto, total, wait = ranked.c.upto, ranked.c.total, ranked.c.wait_us
+        stmt = select(
+            *by,
+            func.max(total),
+            func.min(case((2 * upto >= total, wait))),
+            func.min(case((2 * upto > total, wait))),
+        ).group_by(*by)
     return [
         (_group(row, q), ContactWaits(int(row[-3]), int(row[-2]), int(row[-1])))
         for row in await _rows(session, stmt)

@@ -4,7 +4,7 @@ A fresh PostgreSQL schema is filled with ``KAIKU_BENCH_SCORE_ANSWERS`` answers (
 10,000,000) by ``INSERT ... SELECT generate_series``: 3 surveys (NPS, CSAT, CES), 365 days,
 5 touchpoints, 4 channels, 300 agents in 20 teams, 2,000 accounts (a few large, many small),
 5% skipped scores, 1% suspected bots, 5% alerted (60% of them contacted, up to three days
-later). The score, contact and delivery cells and the roll-ups are then filled by
+later). The score and delivery cells, the contact waits and the roll-ups are then filled by
 ``INSERT ... SELECT ... GROUP BY``, equal to what the repository keeps with every answer. The
 plans of the reads of one request (month by account, and by team and agent: the roll-ups;
 June by account and channel: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the
@@ -117,16 +117,15 @@ FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
 """
 
-# ... and the waits of the contacted alerts, to the microsecond.
-FILL_CONTACT_CELLS = """
-INSERT INTO collector_contact_cells
-    (survey_id, day, touchpoint, channel, team, agent, account_id, wait_us, n)
-SELECT survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''), coalesce(team, ''),
-       coalesce(agent, ''), coalesce(account_id, ''),
-       (extract(epoch FROM contacted_at - alerted_at) * 1000000)::bigint, count(*)
+# ... and the waits of the contacted alerts, to the microsecond, one row each.
+FILL_CONTACT_WAITS = """
+INSERT INTO collector_contact_waits
+    (response_id, survey_id, day, touchpoint, channel, team, agent, account_id, wait_us)
+SELECT response_id, survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''),
+       coalesce(team, ''), coalesce(agent, ''), coalesce(account_id, ''),
+       (extract(epoch FROM contacted_at - alerted_at) * 1000000)::bigint
 FROM collector_responses
 WHERE alerted_at IS NOT NULL AND contacted_at IS NOT NULL
-GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
 """
 
 # Deliveries: about three invitations delivered per answer, in the answers' segments.
@@ -175,7 +174,7 @@ ROLLUPS = (
 COUNT_STATEMENTS = (
     repr(ROLLUP_SETS),
     FILL_SCORE_CELLS,
-    FILL_CONTACT_CELLS,
+    FILL_CONTACT_WAITS,
     FILL_DELIVERY_CELLS,
     ROLLUP_DAYS,
     ROLLUP_MONTHS,
@@ -243,7 +242,7 @@ async def fill_counts(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.execute(text(f"SET LOCAL work_mem = '{FILL_WORK_MEM}'"))
         await conn.execute(text(FILL_SCORE_CELLS))
-        await conn.execute(text(FILL_CONTACT_CELLS))
+        await conn.execute(text(FILL_CONTACT_WAITS))
         await conn.execute(text(FILL_DELIVERY_CELLS))
         segments = ", ".join(SEGMENTS)
         for table, cells_table, columns, sums in ROLLUPS:
@@ -293,7 +292,7 @@ async def sizes(engine: AsyncEngine) -> str:
     async with engine.connect() as conn:
         counts = {
             table: await conn.scalar(text(f"SELECT count(*) FROM {table}"))
-            for table in ("collector_responses", "collector_score_cells", "collector_contact_cells")
+            for table in ("collector_responses", "collector_score_cells", "collector_contact_waits")
         }
         rollups = (
             await conn.execute(
@@ -302,7 +301,7 @@ async def sizes(engine: AsyncEngine) -> str:
         ).all()
     return (
         f"{counts['collector_responses']:,} answers, {counts['collector_score_cells']:,} score "
-        f"cells, {counts['collector_contact_cells']:,} contact cells, "
+        f"cells, {counts['collector_contact_waits']:,} contact waits, "
         f"{', '.join(f'{n:,} {grain}' for grain, n in rollups)} score roll-ups"
     )
 

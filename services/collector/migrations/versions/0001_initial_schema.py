@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 20:11:18.641942
+Create Date: 2026-11-23 21:13:29.599835
 """
 
 from collections.abc import Sequence
@@ -48,7 +48,8 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_table(
-        "collector_contact_cells",
+        "collector_contact_waits",
+        sa.Column("response_id", sa.Uuid(), nullable=False),
         sa.Column("survey_id", sa.String(length=100), nullable=False),
         sa.Column("day", sa.Date(), nullable=False),
         sa.Column("touchpoint", sa.String(length=200), nullable=False),
@@ -57,18 +58,13 @@ def upgrade() -> None:
         sa.Column("agent", sa.String(length=200), nullable=False),
         sa.Column("account_id", sa.String(length=200), nullable=False),
         sa.Column("wait_us", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column("n", sa.Integer(), server_default="0", nullable=False),
-        sa.PrimaryKeyConstraint(
-            "survey_id",
-            "day",
-            "touchpoint",
-            "channel",
-            "team",
-            "agent",
-            "account_id",
-            "wait_us",
-            name=op.f("pk_collector_contact_cells"),
-        ),
+        sa.PrimaryKeyConstraint("response_id", name=op.f("pk_collector_contact_waits")),
+    )
+    op.create_index(
+        "ix_collector_contact_waits_survey_day",
+        "collector_contact_waits",
+        ["survey_id", "day"],
+        unique=False,
     )
     op.create_table(
         "collector_delivery_cells",
@@ -370,7 +366,8 @@ def downgrade() -> None:
     op.drop_table("collector_early_deliveries")
     op.drop_table("collector_delivery_rollups")
     op.drop_table("collector_delivery_cells")
-    op.drop_table("collector_contact_cells")
+    op.drop_index("ix_collector_contact_waits_survey_day", table_name="collector_contact_waits")
+    op.drop_table("collector_contact_waits")
     op.drop_index(
         op.f("ix_collector_alert_deliveries_status"), table_name="collector_alert_deliveries"
     )
