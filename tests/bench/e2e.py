@@ -2,8 +2,10 @@
 
 - ``end_to_end``: signed webhooks posted to the trigger's ``/v1/webhooks/generic`` at a steady
   rate (``KAIKU_BENCH_E2E_RATE``, 500/s) for ``KAIKU_BENCH_E2E_SECONDS`` (60 s), each for a new
-  customer, through the trigger, the dispatcher and SMTP to an aiosmtpd sink. Latency is from the
-  start of the POST to the message's arrival at the sink (p50, p99), beside a bare Kafka hop
+  customer, through the trigger, the dispatcher and SMTP to an aiosmtpd sink (a process of its
+  own), from a lean open-loop client (``loadgen``: each POST starts on schedule, whatever the
+  answers before it do). Latency is from the POST's scheduled start to the message's arrival at
+  the sink (p50, p99), beside a bare Kafka hop
   (produce → consume) on the same broker at the same rate; the delivered rate (messages per
   second arriving while the load lasts and drains) is the peak the chain sustains, beside the
   offered rate.
@@ -27,31 +29,43 @@ from pathlib import Path
 import httpx
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.kafka import ensure_topics
 from services.trigger.ingress.generic import sign
-from tests.support import SmtpSink, free_port
+from tests.bench.loadgen import open_loop
+from tests.bench.sink import read_arrivals
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_ZTJlLWJlbmNoLXNlY3JldC0wMTIzNDU2Nzg5YWJjZGVm"
 Result = tuple[str, float, str, float, str]
 
 
-class TimedSink(SmtpSink):
-    """The SMTP sink, noting when each recipient's message arrived (and keeping no message)."""
+class Sink:
+    """The SMTP sink (``tests.bench.sink``) in a process of its own, so that it takes no CPU
+    from the load generator's process; it notes when each recipient's message arrived."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrived: dict[str, float] = {}
+    def __init__(self, var: Path) -> None:
+        self.port = free_port()
+        self.path = var / f"bench-sink-{uuid.uuid4().hex[:6]}.txt"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.sink", str(self.port), str(self.path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the SMTP sink did not start")
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        now = time.monotonic()
-        for rcpt in envelope.rcpt_tos:
-            self.arrived.setdefault(rcpt, now)
-        return "250 Message accepted for delivery"
+    def arrived(self) -> dict[str, float]:
+        return read_arrivals(self.path)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.path.unlink(missing_ok=True)
 
 
 def bench_program(path: Path) -> Path:
@@ -63,7 +77,7 @@ def bench_program(path: Path) -> Path:
 
 
 def start(
-    name: str, kafka: KafkaSettings, db: DatabaseSettings, sink: SmtpSink, program: Path, log: Path
+    name: str, kafka: KafkaSettings, db: DatabaseSettings, sink: Sink, program: Path, log: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -117,13 +131,12 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.kill()
 
 
-def webhook(run: str, i: int) -> tuple[dict[str, str], bytes, str]:
-    email = f"e2e-{run}-{i}@bench.example"
+def webhook(run: str, i: int) -> tuple[dict[str, str], bytes]:
     body = json.dumps(
         {
             "id": f"e2e-{run}-{i}",
             "type": "order.delivered",
-            "customer": {"id": f"e2e-{run}-{i}", "email": email, "locale": "fi"},
+            "customer": {"id": f"e2e-{run}-{i}", "email": recipient(run, i), "locale": "fi"},
             "team": "logistics",
         }
     ).encode()
@@ -134,7 +147,11 @@ def webhook(run: str, i: int) -> tuple[dict[str, str], bytes, str]:
         "webhook-timestamp": str(ts),
         "webhook-signature": sign(SECRET, msg_id, ts, body),
     }
-    return headers, body, email
+    return headers, body
+
+
+def recipient(run: str, i: int) -> str:
+    return f"e2e-{run}-{i}@bench.example"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -178,11 +195,16 @@ async def end_to_end(kafka: KafkaSettings, db: DatabaseSettings, var: Path) -> l
     seconds = float(os.environ.get("KAIKU_BENCH_E2E_SECONDS", "60"))
     await ensure_topics(kafka)
     hop = await kafka_hop(kafka, rate, min(seconds, 20))
-    sink = TimedSink()
-    sink.start()
+    sink = Sink(var)
     log = var / "bench-e2e.log"
     program = bench_program(var / "bench-program.yaml")
     procs: list[subprocess.Popen[bytes]] = []
+    n = int(rate * seconds)
+    run = uuid.uuid4().hex[:6]
+
+    def build(i: int) -> tuple[str, str, dict[str, str], bytes]:
+        return ("POST", "/v1/webhooks/generic", *webhook(run, i))
+
     try:
         urls = {}
         for name in ("trigger", "dispatcher", "collector"):
@@ -190,43 +212,24 @@ async def end_to_end(kafka: KafkaSettings, db: DatabaseSettings, var: Path) -> l
             procs.append(proc)
         for proc, url in zip(procs, urls.values(), strict=True):
             await ready(url, proc, log)
-        run = uuid.uuid4().hex[:6]
-        posted: dict[str, float] = {}
-        refused: list[int] = []
-        limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-        async with httpx.AsyncClient(base_url=urls["trigger"], limits=limits, timeout=60) as http:
-            inflight: set[asyncio.Task[None]] = set()
-
-            async def post(i: int) -> None:
-                headers, body, email = webhook(run, i)
-                at = time.monotonic()
-                r = await http.post("/v1/webhooks/generic", headers=headers, content=body)
-                if r.status_code == 202:
-                    posted[email] = at
-                else:
-                    refused.append(r.status_code)
-
-            started = time.monotonic()
-            for i in range(int(rate * seconds)):
-                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-                task = asyncio.create_task(post(i))
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
-            offered_for = time.monotonic() - started
-            await asyncio.gather(*inflight)
+        outcomes, offered_for = await open_loop(urls["trigger"], build, rate=rate, n=n)
+        posted = {recipient(run, o.index): o.scheduled for o in outcomes if o.status == 202}
+        refused = [o.status for o in outcomes if o.status != 202]
         # Drain: until every accepted event's email arrived, or nothing arrived for 30 s.
         last, count = time.monotonic(), -1
-        while len([e for e in posted if e in sink.arrived]) < len(posted):
-            if len(sink.arrived) != count:
-                last, count = time.monotonic(), len(sink.arrived)
+        while len((arrived := sink.arrived()).keys() & posted.keys()) < len(posted):
+            if len(arrived) != count:
+                last, count = time.monotonic(), len(arrived)
             elif time.monotonic() - last > 30:
                 break
             await asyncio.sleep(0.5)
     finally:
         stop(procs)
+        arrived = sink.arrived()
         sink.stop()
-    latencies = [sink.arrived[e] - at for e, at in posted.items() if e in sink.arrived]
-    arrivals = sorted(sink.arrived[e] for e in posted if e in sink.arrived)
+    started = min(posted.values(), default=0.0)
+    latencies = [arrived[e] - at for e, at in posted.items() if e in arrived]
+    arrivals = sorted(arrived[e] for e in posted if e in arrived)
     span = (arrivals[-1] - started) if arrivals else float("nan")
     delivered_rate = len(arrivals) / span if arrivals else 0.0
     print(
@@ -291,8 +294,7 @@ async def memory(kafka: KafkaSettings, db: DatabaseSettings, var: Path) -> list[
         ]
         await asyncio.gather(*futures)
     await producer.stop()
-    sink = TimedSink()
-    sink.start()
+    sink = Sink(var)
     log = var / "bench-memory.log"
     program = bench_program(var / "bench-program.yaml")
     procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -1,53 +1,62 @@
-"""HTTP benchmarks: a served app under load from a client in the same process.
+"""HTTP benchmarks: a served app under load from a lean client (``loadgen``) in another process.
 
-The server runs under uvicorn in a thread of its own (its own event loop); the client keeps
-``concurrency`` requests in flight. A baseline app is measured the same way in the same run.
+The app is built in this process and served by uvicorn in a forked child (the app is started,
+with its lifespan, only there), so the server and the client each have a core and a GIL of
+their own. A baseline app is measured the same way in the same run.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import multiprocessing
+import os
+import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import uvicorn
 
+from tests.bench.loadgen import closed_loop
 from tests.support import free_port
 
 Request = Callable[[int], tuple[str, dict[str, str], bytes]]
 
 
+def _serve(app: Any, port: int) -> None:
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    uvicorn.Server(config).run()
+
+
 class Served:
-    """Serve an ASGI app (with its lifespan) on a free port in a background thread."""
+    """Serve an ASGI app (with its lifespan) on a free port in a forked process."""
 
     def __init__(self, app: Any) -> None:
         self.port = free_port()
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        context = multiprocessing.get_context("fork")
+        self.process = context.Process(target=_serve, args=(app, self.port), daemon=True)
 
     def __enter__(self) -> str:
-        self.thread.start()
+        self.process.start()
         deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the benchmarked app did not start")
-            time.sleep(0.01)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or not self.process.is_alive():
+                    raise RuntimeError("the benchmarked app did not start") from None
+                time.sleep(0.05)
         return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        if self.process.pid is not None and self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)  # uvicorn shuts down gracefully
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 async def requests_per_second(
@@ -59,30 +68,8 @@ async def requests_per_second(
     method: str = "POST",
 ) -> float:
     """Send ``n`` requests built by ``make(i)``; every answer must be ``expect``."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
-        for i in range(min(50, n)):  # warm-up: connections, caches, the first batch
-            path, headers, body = make(-1 - i)
-            await http.request(method, path, headers=headers, content=body)
-        counter = iter(range(n))
-        failures: list[int] = []
 
-        async def worker() -> None:
-            for i in counter:
-                path, headers, body = make(i)
-                for attempt in range(3):  # a keep-alive connection closed under our feet
-                    try:
-                        r = await http.request(method, path, headers=headers, content=body)
-                        break
-                    except httpx.TransportError:
-                        if attempt == 2:
-                            raise
-                if r.status_code != expect:
-                    failures.append(r.status_code)
+    def build(i: int) -> tuple[str, str, dict[str, str], bytes]:
+        return (method, *make(i))
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    if failures:
-        raise RuntimeError(f"{len(failures)} requests failed, e.g. status {failures[0]}")
-    return n / elapsed
+    return await closed_loop(base_url, build, n, concurrency=concurrency, expect=expect)
