@@ -365,6 +365,31 @@ def test_build_message(program: Program) -> None:
     assert parsed.get_body(("html",)) is not None
 
 
+def test_messages_share_no_state(program: Program, renderer: Renderer) -> None:
+    """Header values are parsed once and shared between messages: each message still carries
+    its own recipient, subject, language and boundary, flattened as an SMTP client does."""
+    survey = nps_survey(program)
+    people = [(f"person{i}@example.com", ("fi", "sv", "en")[i % 3]) for i in range(6)]
+    boundaries = set()
+    for address, locale in people * 2:
+        inv = invitation(survey, locale=locale, email=address)
+        rendered = renderer.email(inv, survey)
+        msg = build_message(rendered, invitation=inv, sender="s@kaiku.local", public_url=PUBLIC_URL)
+        raw = msg.as_bytes(policy=email.policy.SMTP)
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert parsed["To"] == address
+        assert parsed["Subject"] == rendered.subject
+        assert parsed["Content-Language"] == locale
+        boundary = parsed.get_boundary()
+        assert boundary is not None and boundary.startswith("=_")
+        boundaries.add(boundary)
+        text, html = (p.get_content() for p in parsed.iter_parts())
+        assert text.split() == rendered.text.split()
+        assert "<html" in html
+        assert address not in text
+    assert len(boundaries) == len(people) * 2
+
+
 def test_message_id_is_deterministic(program: Program) -> None:
     _, first = _message(program)
     _, second = _message(program)
