@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from fastapi import FastAPI, Request
@@ -276,6 +277,24 @@ async def webhook_ingress(kafka: KafkaSettings, n: int) -> Figure:
     return Figure("webhook_ingress", ingress, "requests/s", baseline, "requests/s")
 
 
+def markdown_table(report: dict[str, Any]) -> str:
+    """``var/bench.json`` as the README's table: each figure beside its baseline."""
+    machine = report["machine"]
+    lines = [
+        f"Taken {report.get('taken_at', '?')} on {machine['cpus']} cores, {machine['platform']}, "
+        f"Python {machine['python']}.",
+        "",
+        "| figure | value | baseline | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for f in report["figures"]:
+        lines.append(
+            f"| `{f['name']}` | {f['value']:,.0f} {f['unit']} | "
+            f"{f['baseline']:,.0f} {f['baseline_unit']} | {f['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 GROUPS = ("trigger", "ingress", "dispatcher", "pages", "e2e", "memory", "scores")
 
 
@@ -392,7 +411,15 @@ if __name__ == "__main__":
         default=",".join(GROUPS),
         help=f"comma-separated benchmarks to run (default all: {','.join(GROUPS)})",
     )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print var/bench.json as a Markdown table (for the README) and run nothing",
+    )
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads((ROOT / "var" / "bench.json").read_text())))
+        raise SystemExit(0)
     only = set(args.only.split(","))
     if only - set(GROUPS):
         parser.error(f"unknown benchmark(s): {', '.join(sorted(only - set(GROUPS)))}")
@@ -410,6 +437,8 @@ if __name__ == "__main__":
                     "platform": platform.platform(),
                     "python": platform.python_version(),
                 },
+                "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "benchmarks": sorted(only),
                 "events": args.events,
                 "figures": [dict(asdict(f), ratio=round(f.ratio, 3)) for f in results],
             },
