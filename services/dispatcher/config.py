@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EmailProviderName = Literal["file", "smtp", "sendgrid", "mailgun", "webhook"]
@@ -76,6 +76,12 @@ class SmtpSettings(_ProviderSettings):
     validate_certs: bool = True
     # A CA bundle to verify the server with, instead of the system's.
     ca_file: Path | None = None
+    # Messages sent over one connection before it is closed with QUIT (1: a new connection for
+    # every message).
+    messages_per_connection: int = Field(default=100, ge=1)
+    # An idle connection unused for longer than this is closed, not reused. Servers must wait at
+    # least 5 minutes (RFC 5321 section 4.5.3.2.7), but many close sooner.
+    idle_seconds: float = Field(default=30.0, gt=0)
 
 
 class SendGridSettings(_ProviderSettings):

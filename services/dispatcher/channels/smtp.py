@@ -28,14 +28,32 @@ enhanced code, 553 5.1.8, ...                    enhanced status say nothing cer
 
 Reasons quote the server's reply (they end up in logs and in the sends table), with every
 email address in it replaced by ``<address>``: receiving servers often echo the recipient.
+
+Connections are reused. A send takes the most recently used idle connection, or opens one
+(connect, EHLO, STARTTLS, AUTH), and gives it back when it is done, so there are at most as
+many connections as sends under way at once (``KAIKU_SEND_CONCURRENCY``). One is closed with QUIT
+after ``KAIKU_SMTP_MESSAGES_PER_CONNECTION`` messages (1: a connection per message) and, unused,
+after ``KAIKU_SMTP_IDLE_SECONDS``. One idle for more than ``CHECK_IDLE_SECONDS`` is checked with
+NOOP first: if the server has closed it meanwhile, the send opens a new connection instead of
+failing. A message is never sent again on another connection: once MAIL has gone out, a
+dropped connection is a transient failure as in the table above. After a refusal (MAIL, RCPT or
+DATA) aiosmtplib resets the envelope with RSET and the connection is given back, unless the
+reply was 421 (the server is closing it); after a failed AUTH it is closed with QUIT; after a
+dropped connection, a time-out, a TLS failure or anything unexpected it is closed. ``aclose()``
+sends QUIT on every idle connection. The EHLO name is looked up (``socket.getfqdn``) once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
 import ssl
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import aiosmtplib
 
@@ -51,6 +69,22 @@ _BAD_MAILBOX_DETAILS = frozenset({1, 2, 3, 6, 10})
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\d)")
 _ADDRESS = re.compile(r"<?[^\s<>\"'(),;:\[\]]+@[^\s<>\"'(),;:\[\]]+>?")
 _MAX_REPLY = 200
+
+# A connection idle for longer than this is checked with NOOP before it carries a message.
+CHECK_IDLE_SECONDS = 2.0
+# The longest that NOOP check, or a QUIT, may take (capped by ``timeout_seconds``).
+BRIEF_TIMEOUT_SECONDS = 5.0
+
+# What becomes of a connection after a send: back to the pool, closed with QUIT, or just closed.
+_After = Literal["keep", "quit", "close"]
+# Refusals after which aiosmtplib has reset the envelope (RSET): the connection can carry on.
+_RESET_AFTER = (
+    aiosmtplib.SMTPSenderRefused,
+    aiosmtplib.SMTPRecipientsRefused,
+    aiosmtplib.SMTPDataError,
+)
+# The server is closing the connection (RFC 5321 section 3.8).
+_CLOSING = 421
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext:
@@ -125,8 +159,19 @@ def _refused(refusals: Sequence[aiosmtplib.SMTPRecipientRefused]) -> SendResult:
     return _by_code(worst.code, what, "hard_bounce" if hard else None)
 
 
+@dataclass(eq=False)
+class _Connection:
+    client: aiosmtplib.SMTP
+    last_used: float
+    # Messages (mail transactions) begun on it.
+    messages: int = 0
+    # NOOP before its next message, however briefly idle (after a refusal: the server may have
+    # answered the RSET by closing).
+    check: bool = False
+
+
 class SmtpEmail:
-    """Sends each email over a connection of its own (no pooling)."""
+    """Sends email over a small pool of reused connections (see the module's docstring)."""
 
     name = "smtp"
 
@@ -138,8 +183,12 @@ class SmtpEmail:
             log.warning("smtp: the server's certificate is not verified (validate_certs is off)")
         if settings.username is not None and settings.tls == "none":
             log.warning("smtp: credentials are configured without TLS; they cross in clear text")
+        # Idle connections, the most recently used last (so also sorted by last use).
+        self._idle: list[_Connection] = []
+        self._hostname: asyncio.Task[str] | None = None
+        self._closed = False
 
-    def _client(self) -> aiosmtplib.SMTP:
+    def _client(self, local_hostname: str) -> aiosmtplib.SMTP:
         s = self.settings
         return aiosmtplib.SMTP(
             hostname=s.host,
@@ -149,7 +198,20 @@ class SmtpEmail:
             # False, not None: "none" means no opportunistic upgrade either.
             start_tls=s.tls == "starttls",
             tls_context=self._tls,
+            # Else aiosmtplib looks it up (socket.getfqdn, in a thread) for every connection.
+            local_hostname=local_hostname,
         )
+
+    async def _local_hostname(self) -> str:
+        """The name this host gives in EHLO: looked up once, in a thread (it may ask DNS)."""
+        if self._hostname is None:
+            self._hostname = asyncio.create_task(asyncio.to_thread(socket.getfqdn))
+        # Shielded: a cancelled send must not cancel the look-up the others wait for.
+        return await asyncio.shield(self._hostname)
+
+    @property
+    def _brief_timeout(self) -> float:
+        return min(self.settings.timeout_seconds, BRIEF_TIMEOUT_SECONDS)
 
     async def send(self, message: OutboundEmail) -> SendResult:
         result = await self._send(message)
@@ -158,34 +220,47 @@ class SmtpEmail:
 
     async def _send(self, message: OutboundEmail) -> SendResult:
         s = self.settings
-        client = self._client()
         stage = "connect"
+        conn: _Connection | None = None
+        # Closed unless a branch below says otherwise: also on cancellation and on a bug.
+        after: _After = "close"
         try:
-            async with client:
+            conn = await self._reuse()
+            if conn is None:
+                client = self._client(await self._local_hostname())
+                await client.connect()  # closes the client itself when it fails
+                conn = _Connection(client, time.monotonic())
                 if s.username is not None:
                     stage = "login"
                     password = s.password.get_secret_value() if s.password is not None else ""
                     await client.login(s.username, password)
-                stage = "send"
-                _, reply = await client.send_message(message.message)
+            stage = "send"
+            conn.messages += 1
+            _, reply = await conn.client.send_message(message.message)
+            after = "keep"
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            after = self._after_refusal(conn, exc, [r.code for r in exc.recipients])
             return _refused(exc.recipients)
         except aiosmtplib.SMTPAuthenticationError as exc:
+            after = self._after_refusal(conn, exc, [exc.code])
             # 535 (credentials), 534 and 538 (mechanism): fix KAIKU_SMTP_USERNAME/PASSWORD.
             what = f"smtp {exc.code}: authentication failed: {_reply(exc.message)}"
             return _by_code(exc.code, what)
         except aiosmtplib.SMTPResponseException as exc:
+            after = self._after_refusal(conn, exc, [exc.code])
             # MAIL FROM, DATA, the greeting, HELO, STARTTLS: nothing certain about the mailbox.
             return _by_code(exc.code, f"smtp {exc.code} at {stage}: {_reply(exc.message)}")
         except ssl.SSLError as exc:
             return self._tls_failure(exc)
         except aiosmtplib.SMTPNotSupported as exc:
             # An address that needs SMTPUTF8 and a server that does not offer it.
+            after = "quit"
             return SendResult("permanent", reason=f"smtp: cannot send: {_reply(str(exc))}")
         except ValueError as exc:
             if stage != "send":
                 raise  # aiosmtplib refused how the client is set up: a bug
             # An address with characters that cannot go on an SMTP command line.
+            after = "quit"
             return SendResult("permanent", reason=f"smtp: cannot send: {_reply(str(exc))}")
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             tls = _tls_error(exc)
@@ -195,14 +270,86 @@ class SmtpEmail:
                 return SendResult("transient", reason=f"smtp: timed out at {stage}")
             if stage == "login" and not isinstance(exc, ConnectionError):
                 # The server offers no AUTH (often: only after STARTTLS): configuration.
+                after = "quit"
                 return SendResult("permanent", reason=f"smtp: cannot log in: {_reply(str(exc))}")
             detail = _reply(str(exc)) or type(exc).__name__
             return SendResult("transient", reason=f"smtp: {detail}")
+        finally:
+            if conn is not None:
+                await self._release(conn, after)
         return SendResult(
             "sent",
             provider_message_id=message.message["Message-ID"],
             reason=_reply(reply) or None,
         )
+
+    @staticmethod
+    def _after_refusal(conn: _Connection | None, exc: Exception, codes: list[int]) -> _After:
+        """A refused MAIL, RCPT or DATA leaves a connection fit for the next message (aiosmtplib
+        has sent RSET); a refused AUTH or EHLO, or a 421, does not."""
+        if conn is None or not conn.client.is_connected or _CLOSING in codes:
+            return "close"
+        if isinstance(exc, _RESET_AFTER):
+            conn.check = True
+            return "keep"
+        return "quit"
+
+    async def _reuse(self) -> _Connection | None:
+        """The most recently used idle connection, if one is fit for a message."""
+        while self._idle:
+            conn = self._idle.pop()
+            idle = time.monotonic() - conn.last_used
+            if not conn.client.is_connected:
+                conn.client.close()
+                continue
+            if idle > self.settings.idle_seconds:
+                # The others have been idle longer still.
+                for stale in [*self._idle, conn]:
+                    stale.client.close()
+                self._idle.clear()
+                return None
+            if idle > CHECK_IDLE_SECONDS or conn.check:
+                try:
+                    await conn.client.noop(timeout=self._brief_timeout)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                    # Nothing of the message has been sent: a new connection can carry it.
+                    detail = _reply(str(exc)) or type(exc).__name__
+                    log.debug("smtp: an idle connection is gone (%s); opening another", detail)
+                    conn.client.close()
+                    return None
+                except BaseException:
+                    conn.client.close()
+                    raise
+                conn.check = False
+            return conn
+        return None
+
+    async def _release(self, conn: _Connection, after: _After) -> None:
+        """Give the connection back to the pool, or close it (with QUIT unless it is broken)."""
+        s = self.settings
+        if after == "close" or not conn.client.is_connected:
+            conn.client.close()
+            return
+        if after == "keep" and conn.messages < s.messages_per_connection and not self._closed:
+            now = time.monotonic()
+            conn.last_used = now
+            self._idle.append(conn)
+            # Close those left unused too long at the bottom of the stack.
+            stale = 0
+            while stale < len(self._idle) and now - self._idle[stale].last_used > s.idle_seconds:
+                self._idle[stale].client.close()
+                stale += 1
+            del self._idle[:stale]
+            return
+        await self._quit(conn.client)
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.quit(timeout=self._brief_timeout)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass  # the server is gone or slow to say goodbye: close all the same
+        finally:
+            client.close()
 
     def _tls_failure(self, exc: ssl.SSLError) -> SendResult:
         if isinstance(exc, ssl.SSLCertVerificationError):
@@ -215,4 +362,8 @@ class SmtpEmail:
         return SendResult("transient", reason=f"smtp: TLS failed ({exc.reason or exc})")
 
     async def aclose(self) -> None:
-        """Nothing to close: every send has a connection of its own."""
+        """QUIT every idle connection (briefly; errors are ignored). A send still under way
+        closes its connection when it ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._quit(conn.client) for conn in idle))
