@@ -81,6 +81,18 @@ class OptOut(Base):
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
+class WebhookToken(Base):
+    """A provider webhook's one-use token, kept while a replay of it could still pass the
+    timestamp check (Mailgun: its signature covers only a timestamp and this token)."""
+
+    __tablename__ = "dispatcher_webhook_tokens"
+    __table_args__ = (Index("ix_dispatcher_webhook_tokens_seen_at", "provider", "seen_at"),)
+
+    provider: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class Receipt(Base):
     """A provider's report about a message (delivered, bounced, STOP, ...), idempotent on the
     provider's event id. Published to ``kaiku.deliveries`` from here (``published_at``)."""

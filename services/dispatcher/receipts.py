@@ -181,15 +181,31 @@ def router(
         try:
             source.verify(incoming)
             receipts = source.receipts(incoming)
+            one_use = source.replay_token(incoming)
         except WebhookError as exc:
             REFUSED.labels(provider=provider, code=exc.code).inc()
             log.warning("provider event from %s refused: %s", provider, exc.message)
             raise ApiError(exc.status, exc.code, exc.message) from None
         new = 0
-        if receipts:
+        if receipts or one_use is not None:
+            now = clock()
+            # The token and the receipts in one transaction: a request that fails stores
+            # neither, and the provider's retry (with a new token) is taken.
             async with unit_of_work(sessions) as session:
-                new = await record(session, provider, channel, receipts, clock())
-            on_stored()
+                if one_use is not None and not await repository.first_use(
+                    session, provider, *one_use, now=now
+                ):
+                    REFUSED.labels(provider=provider, code="bad_signature").inc()
+                    log.warning("provider event from %s refused: a token seen before", provider)
+                    raise ApiError(
+                        401,
+                        "bad_signature",
+                        "this signature's token was used before: a replayed request",
+                    )
+                if receipts:
+                    new = await record(session, provider, channel, receipts, now)
+            if receipts:
+                on_stored()
         for r in receipts:
             RECEIPTS.labels(provider=provider, status=r.status).inc()
         log.info("provider events from %s: %d received, %d new", provider, len(receipts), new)

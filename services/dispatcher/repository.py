@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import SecretStr
@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import claim_oldest, upsert_insert
 from services.common.erasure import contact_hash, customer_hash, is_hash
-from services.dispatcher.models import OptOut, Receipt, Send
+from services.dispatcher.models import OptOut, Receipt, Send, WebhookToken
 
 CUSTOMER_PREFIX = "customer:"
 
@@ -284,6 +284,26 @@ async def mark_optouts_published(
 
 
 # -- receipts -------------------------------------------------------------------------------------
+
+
+async def first_use(
+    session: AsyncSession, provider: str, token: str, keep_seconds: float, *, now: datetime
+) -> bool:
+    """Note a webhook's one-use token; False when it was seen before (a replay). Tokens older
+    than ``keep_seconds`` are forgotten on the way (the timestamp check refuses them)."""
+    await session.execute(
+        delete(WebhookToken).where(
+            WebhookToken.provider == provider,
+            WebhookToken.seen_at < now - timedelta(seconds=keep_seconds),
+        )
+    )
+    stmt = (
+        upsert_insert(session)(WebhookToken)
+        .values(provider=provider, token=token[:200], seen_at=now)
+        .on_conflict_do_nothing(index_elements=["provider", "token"])
+        .returning(WebhookToken.token)
+    )
+    return (await session.execute(stmt)).first() is not None
 
 
 async def add_receipts(session: AsyncSession, rows: list[dict[str, Any]]) -> list[str]:

@@ -145,3 +145,9 @@ class ReceiptSource(Protocol):
     def acknowledge(self) -> Response | None:
         """A provider-specific answer (Twilio wants TwiML for an inbound message); None for the
         JSON default."""
+
+    def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
+        """For a scheme whose signature does not cover the body (Mailgun signs a timestamp and
+        a token only): the verified request's one-use token and how many seconds it must be
+        remembered; such a token seen before is a replay and refused. None where the signature
+        covers what the request says (a replay then repeats the same events, stored once)."""

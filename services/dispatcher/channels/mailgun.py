@@ -52,7 +52,11 @@ the primary account's key: either is accepted. The docs suggest checking "the ti
 too far from the current time", without aggressiveness, because of delays in webhook processing:
 ``KAIKU_MAILGUN_TOLERANCE_SECONDS`` (600). Mailgun retries anything but 200 and 406 for hours
 (https://help.mailgun.com/hc/en-us/articles/202236504-Webhooks); a refused (401) or malformed
-(400) request is therefore retried, and receipts are idempotent on the event id.
+(400) request is therefore retried, and receipts are idempotent on the event id. The signature
+does not cover the event, so a signature seen once would carry any event-data while its timestamp
+is fresh: as the docs advise, a token seen before is refused (401), remembered in
+``dispatcher_webhook_tokens`` for twice the tolerance, in the transaction that stores the
+request's receipts (Mailgun's retries carry new tokens).
 
 =======================================  ===========  ========================================
 event-data                               status       suppress
@@ -348,3 +352,12 @@ class MailgunReceipts:
 
     def acknowledge(self) -> Response | None:
         return None
+
+    def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
+        """The signature covers only the timestamp and the token, so the token is what makes it
+        one-use: Mailgun's docs advise refusing a token seen before, and every request, a retry
+        too, carries a new one. Remembered while its timestamp is fresh (and as long again, for
+        clocks apart); older, the timestamp check refuses it."""
+        block = json_body(request).get("signature")
+        assert isinstance(block, dict)  # verify() has passed
+        return str(block["token"]), 2 * self.settings.tolerance_seconds

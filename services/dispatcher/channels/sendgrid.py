@@ -416,3 +416,6 @@ class SendGridReceipts:
 
     def acknowledge(self) -> Response | None:
         return None
+
+    def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
+        return None  # the signature covers the request: a replay repeats its events

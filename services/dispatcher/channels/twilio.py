@@ -376,3 +376,6 @@ class TwilioReceipts:
 
     def acknowledge(self) -> Response | None:
         return Response(content=TWIML_EMPTY, media_type="text/xml")
+
+    def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
+        return None  # the signature covers the request: a replay repeats its events
