@@ -82,14 +82,17 @@ class OptOut(Base):
 
 
 class WebhookToken(Base):
-    """A provider webhook's one-use token, kept while a replay of it could still pass the
-    timestamp check (Mailgun: its signature covers only a timestamp and this token)."""
+    """A provider webhook's one-use token and the body it came with, kept while a replay of it
+    could still pass the timestamp check (Mailgun: its signature covers only a timestamp and
+    this token, not the body)."""
 
     __tablename__ = "dispatcher_webhook_tokens"
     __table_args__ = (Index("ix_dispatcher_webhook_tokens_seen_at", "provider", "seen_at"),)
 
     provider: Mapped[str] = mapped_column(String(40), primary_key=True)
     token: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # SHA-256 of the request's body: the same body again is a retry, another one a forgery.
+    body_sha256: Mapped[str] = mapped_column(String(64))
     seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 

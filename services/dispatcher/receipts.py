@@ -12,6 +12,7 @@ a receipt is never lost while the broker is away, and a provider's retry is harm
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -192,15 +193,19 @@ def router(
             # The token and the receipts in one transaction: a request that fails stores
             # neither, and the provider's retry (with a new token) is taken.
             async with unit_of_work(sessions) as session:
-                if one_use is not None and not await repository.first_use(
-                    session, provider, *one_use, now=now
+                digest = hashlib.sha256(incoming.body).hexdigest()
+                if one_use is not None and not await repository.token_fits(
+                    session, provider, one_use[0], digest, one_use[1], now=now
                 ):
                     REFUSED.labels(provider=provider, code="bad_signature").inc()
-                    log.warning("provider event from %s refused: a token seen before", provider)
+                    log.warning(
+                        "provider event from %s refused: its token came before with another body",
+                        provider,
+                    )
                     raise ApiError(
                         401,
                         "bad_signature",
-                        "this signature's token was used before: a replayed request",
+                        "this signature's token was used before with another body: a replay",
                     )
                 if receipts:
                     new = await record(session, provider, channel, receipts, now)

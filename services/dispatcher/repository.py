@@ -286,10 +286,18 @@ async def mark_optouts_published(
 # -- receipts -------------------------------------------------------------------------------------
 
 
-async def first_use(
-    session: AsyncSession, provider: str, token: str, keep_seconds: float, *, now: datetime
+async def token_fits(
+    session: AsyncSession,
+    provider: str,
+    token: str,
+    body_sha256: str,
+    keep_seconds: float,
+    *,
+    now: datetime,
 ) -> bool:
-    """Note a webhook's one-use token; False when it was seen before (a replay). Tokens older
+    """Note a webhook's one-use token with its body's digest. True when the token is new, or
+    came before with this same body (the provider's retry of a request whose answer it did not
+    get); False when it came with another body (its signature reused: a forgery). Tokens older
     than ``keep_seconds`` are forgotten on the way (the timestamp check refuses them)."""
     await session.execute(
         delete(WebhookToken).where(
@@ -299,11 +307,16 @@ async def first_use(
     )
     stmt = (
         upsert_insert(session)(WebhookToken)
-        .values(provider=provider, token=token[:200], seen_at=now)
+        .values(provider=provider, token=token[:200], body_sha256=body_sha256, seen_at=now)
         .on_conflict_do_nothing(index_elements=["provider", "token"])
         .returning(WebhookToken.token)
     )
-    return (await session.execute(stmt)).first() is not None
+    if (await session.execute(stmt)).first() is not None:
+        return True
+    seen = select(WebhookToken.body_sha256).where(
+        WebhookToken.provider == provider, WebhookToken.token == token[:200]
+    )
+    return (await session.execute(seen)).scalar_one_or_none() == body_sha256
 
 
 async def add_receipts(session: AsyncSession, rows: list[dict[str, Any]]) -> list[str]:

@@ -149,5 +149,6 @@ class ReceiptSource(Protocol):
     def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
         """For a scheme whose signature does not cover the body (Mailgun signs a timestamp and
         a token only): the verified request's one-use token and how many seconds it must be
-        remembered; such a token seen before is a replay and refused. None where the signature
-        covers what the request says (a replay then repeats the same events, stored once)."""
+        remembered; the token seen before with another body is a reused signature and refused
+        (with the same body: a retry, its events stored once). None where the signature covers
+        what the request says (a replay then repeats the same events, stored once)."""

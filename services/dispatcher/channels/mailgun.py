@@ -54,9 +54,10 @@ too far from the current time", without aggressiveness, because of delays in web
 (https://help.mailgun.com/hc/en-us/articles/202236504-Webhooks); a refused (401) or malformed
 (400) request is therefore retried, and receipts are idempotent on the event id. The signature
 does not cover the event, so a signature seen once would carry any event-data while its timestamp
-is fresh: as the docs advise, a token seen before is refused (401), remembered in
-``dispatcher_webhook_tokens`` for twice the tolerance, in the transaction that stores the
-request's receipts (Mailgun's retries carry new tokens).
+is fresh: as the docs advise, a token seen before is refused (401) when it comes with another
+body; the same body again is taken as a retry (its receipts are stored once). Tokens are
+remembered with their body's SHA-256 in ``dispatcher_webhook_tokens`` for twice the tolerance,
+in the transaction that stores the request's receipts.
 
 =======================================  ===========  ========================================
 event-data                               status       suppress

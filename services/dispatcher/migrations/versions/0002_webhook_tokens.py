@@ -23,6 +23,7 @@ def upgrade() -> None:
         "dispatcher_webhook_tokens",
         sa.Column("provider", sa.String(length=40), nullable=False),
         sa.Column("token", sa.String(length=200), nullable=False),
+        sa.Column("body_sha256", sa.String(length=64), nullable=False),
         sa.Column("seen_at", services.common.db.UtcDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("provider", "token", name=op.f("pk_dispatcher_webhook_tokens")),
     )
