@@ -23,6 +23,7 @@ leaves the group, so the partitions' next owner starts after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -33,7 +34,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
@@ -319,6 +326,23 @@ def dead_letter(
     )
 
 
+class _ForgetLag(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Drops a consumer's lag gauge for the partitions it loses in a rebalance: their new owner
+    reports them, and a stale value left here would count twice in a sum over the pods (what
+    the autoscaling and the lag alert read)."""
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                LAG.remove(self.consumer, str(tp.partition))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass
+
+
 class ConsumerLoop(Generic[M]):
     """Consume one topic in a consumer group and run ``handler`` on each batch."""
 
@@ -360,7 +384,6 @@ class ConsumerLoop(Generic[M]):
         self._stopping = asyncio.Event()
         self.error = None
         self._consumer = AIOKafkaConsumer(
-            self.settings.topic(self.topic),
             **_client_kwargs(self.settings),
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -369,6 +392,7 @@ class ConsumerLoop(Generic[M]):
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
         )
+        self._consumer.subscribe([self.settings.topic(self.topic)], listener=_ForgetLag(self.name))
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
 
