@@ -296,18 +296,13 @@ class SmtpEmail:
 
     async def _reuse(self) -> _Connection | None:
         """The most recently used idle connection, if one is fit for a message."""
+        self._drop_stale(time.monotonic())
         while self._idle:
             conn = self._idle.pop()
             idle = time.monotonic() - conn.last_used
             if not conn.client.is_connected:
                 conn.client.close()
                 continue
-            if idle > self.settings.idle_seconds:
-                # The others have been idle longer still.
-                for stale in [*self._idle, conn]:
-                    stale.client.close()
-                self._idle.clear()
-                return None
             if idle > CHECK_IDLE_SECONDS or conn.check:
                 try:
                     await conn.client.noop(timeout=self._brief_timeout)
@@ -331,17 +326,23 @@ class SmtpEmail:
             conn.client.close()
             return
         if after == "keep" and conn.messages < s.messages_per_connection and not self._closed:
-            now = time.monotonic()
-            conn.last_used = now
+            conn.last_used = time.monotonic()
             self._idle.append(conn)
-            # Close those left unused too long at the bottom of the stack.
-            stale = 0
-            while stale < len(self._idle) and now - self._idle[stale].last_used > s.idle_seconds:
-                self._idle[stale].client.close()
-                stale += 1
-            del self._idle[:stale]
+            self._drop_stale(conn.last_used)
             return
         await self._quit(conn.client)
+
+    def _drop_stale(self, now: float) -> None:
+        """Close the idle connections unused for longer than ``idle_seconds`` (at the bottom of
+        the stack: it is sorted by last use)."""
+        stale = 0
+        while (
+            stale < len(self._idle)
+            and now - self._idle[stale].last_used > self.settings.idle_seconds
+        ):
+            self._idle[stale].client.close()
+            stale += 1
+        del self._idle[:stale]
 
     async def _quit(self, client: aiosmtplib.SMTP) -> None:
         try:
