@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.common.db import unit_of_work
 from services.common.events import utcnow
 from services.common.http import ApiError, error_responses
-from services.common.webhooks import WebhookError, receive
+from services.common.webhooks import WebhookError, receive, unauthorized
 from services.dispatcher import repository
 from services.dispatcher.channels import Receipt, ReceiptSource
 from services.dispatcher.handlers import provider_optout
@@ -179,34 +179,35 @@ def router(
         except ApiError as exc:
             REFUSED.labels(provider=provider, code=exc.code).inc()
             raise
+
+        def refused(exc: WebhookError) -> ApiError:
+            REFUSED.labels(provider=provider, code=exc.code).inc()
+            log.warning("provider event from %s refused: %s", provider, exc.message)
+            return ApiError(exc.status, exc.code, exc.message)
+
         try:
             source.verify(incoming)
             receipts = source.receipts(incoming)
             one_use = source.replay_token(incoming)
         except WebhookError as exc:
-            REFUSED.labels(provider=provider, code=exc.code).inc()
-            log.warning("provider event from %s refused: %s", provider, exc.message)
-            raise ApiError(exc.status, exc.code, exc.message) from None
+            raise refused(exc) from None
         new = 0
         if receipts or one_use is not None:
             now = clock()
             # The token and the receipts in one transaction: a request that fails stores
-            # neither, and the provider's retry (with a new token) is taken.
+            # neither, and the provider's retry is taken.
             async with unit_of_work(sessions) as session:
-                digest = hashlib.sha256(incoming.body).hexdigest()
-                if one_use is not None and not await repository.token_fits(
-                    session, provider, one_use[0], digest, one_use[1], now=now
-                ):
-                    REFUSED.labels(provider=provider, code="bad_signature").inc()
-                    log.warning(
-                        "provider event from %s refused: its token came before with another body",
-                        provider,
-                    )
-                    raise ApiError(
-                        401,
-                        "bad_signature",
-                        "this signature's token was used before with another body: a replay",
-                    )
+                if one_use is not None:
+                    token, keep_seconds = one_use
+                    digest = hashlib.sha256(incoming.body).hexdigest()
+                    if not await repository.token_fits(
+                        session, provider, token, digest, keep_seconds, now=now
+                    ):
+                        raise refused(
+                            unauthorized(
+                                "this signature's token was used before with another body: a replay"
+                            )
+                        )
                 if receipts:
                     new = await record(session, provider, channel, receipts, now)
             if receipts:

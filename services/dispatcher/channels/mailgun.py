@@ -356,9 +356,9 @@ class MailgunReceipts:
 
     def replay_token(self, request: WebhookRequest) -> tuple[str, float] | None:
         """The signature covers only the timestamp and the token, so the token is what makes it
-        one-use: Mailgun's docs advise refusing a token seen before, and every request, a retry
-        too, carries a new one. Remembered while its timestamp is fresh (and as long again, for
-        clocks apart); older, the timestamp check refuses it."""
+        one-use (Mailgun's docs advise refusing a token seen before). Remembered while its
+        timestamp is fresh (and as long again, for clocks apart); older, the timestamp check
+        refuses it."""
         block = json_body(request).get("signature")
         assert isinstance(block, dict)  # verify() has passed
         return str(block["token"]), 2 * self.settings.tolerance_seconds
