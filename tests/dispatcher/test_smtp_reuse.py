@@ -20,18 +20,17 @@ from services.dispatcher.channels import smtp as smtp_channel
 from services.dispatcher.channels.smtp import SmtpEmail
 from services.dispatcher.config import SmtpSettings
 from services.embedded import free_port
-from tests.dispatcher.test_smtp import ADDRESS, outbound
+from tests.dispatcher.test_smtp import ADDRESS, MailServer, outbound
 
 GONE = "gone@example.com"
 
 
 @dataclass
-class Recorder:
-    """An aiosmtpd handler that notes the connection each message arrived on, and the NOOPs and
-    QUITs it was sent. ``mail_replies`` and ``data_replies`` answer the next MAIL commands and
-    messages in turn (then 250)."""
+class Recorder(MailServer):
+    """``MailServer`` noting the connection each message arrived on, and the NOOPs and QUITs it
+    was sent. ``mail_replies`` and ``data_replies`` answer the next MAIL commands and messages
+    in turn (then 250)."""
 
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
     mail_replies: list[str] = field(default_factory=list)
     data_replies: list[str] = field(default_factory=list)
     # aiosmtpd's protocol object of each connection, in the order they said EHLO.
@@ -61,17 +60,7 @@ class Recorder:
     ) -> str:
         if self.mail_replies:
             return self.mail_replies.pop(0)
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
+        return await super().handle_MAIL(server, session, envelope, address, options)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_replies:
@@ -86,7 +75,7 @@ class Recorder:
         with self._lock:
             index = next(i for i, c in enumerate(self.connections) if c is server)
             self.arrived.append((message_id, index))
-        return "250 2.0.0 Ok: queued"
+        return await super().handle_DATA(server, session, envelope)
 
     async def handle_NOOP(
         self, server: SMTP, session: Session, envelope: Envelope, arg: str
