@@ -198,7 +198,11 @@ class Stack:
             drained = not any(v for k, v in current.items() if k.endswith(" unpublished"))
             stable = stable + 1 if current == last and drained else 0
             if loop.time() > deadline:
-                changed = {k: (last.get(k), v) for k, v in current.items() if last.get(k) != v}
+                changed = {
+                    k: (last.get(k), v)
+                    for k, v in current.items()
+                    if last.get(k) != v or (k.endswith(" unpublished") and v)
+                }
                 raise AssertionError(f"the stack did not settle in {timeout:.0f}s: {changed}")
             last = current
         return last
@@ -212,20 +216,18 @@ class Stack:
         after = await self.snapshot()
         changed = {k: f"{before.get(k)} -> {v}" for k, v in after.items() if before.get(k) != v}
         for key in [k for k in changed if k.startswith("topic ")]:
-            # The broker's end offsets can lag behind what it holds (seen under load): a record
-            # produced before the block began is earlier work, reported late, not the block's.
-            new = [
-                r for r in await self._read(key.removeprefix("topic ")) if r.timestamp >= since_ms
-            ]
-            if new:
-                changed[key] += f": {[json.loads(r.value) for r in new]}"
-            else:
-                del changed[key]
+            # Say what arrived, to tell which request (or which earlier work) it came from.
+            new = await self.records_since(key.removeprefix("topic "), since_ms)
+            changed[key] += f": {[json.loads(r.value) for r in new]}"
         assert not changed, f"{what}: something was stored: {changed}"
 
     async def records(self, name: str, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Every message on a topic so far, decoded."""
         return [json.loads(r.value) for r in await self._read(name, timeout)]
+
+    async def records_since(self, name: str, since_ms: int) -> list[ConsumerRecord[Any, Any]]:
+        """The records on a topic produced since ``since_ms`` (Unix milliseconds)."""
+        return [r for r in await self._read(name) if r.timestamp >= since_ms]
 
     async def _read(self, name: str, timeout: float = 10.0) -> list[ConsumerRecord[Any, Any]]:
         """Every record on a topic so far."""
