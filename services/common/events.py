@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationInfo,
     WithJsonSchema,
     model_validator,
 )
@@ -111,6 +112,19 @@ def why_unstorable(value: Any) -> str | None:
     return None
 
 
+def json_storable(raw: bytes | str) -> bool:
+    """True when JSON text cannot hold what ``why_unstorable`` refuses, so the walk can be
+    skipped: no NUL escape (JSON allows no raw NUL) and fewer brackets than ``MAX_DEPTH``
+    levels. False only means "walk it": most events are far shallower than the bracket count."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    return b"\\u0000" not in raw and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH
+
+
+# The validation context under which a model's walk for unstorable content is skipped.
+STORABLE_JSON = {"storable_json": True}
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -166,12 +180,14 @@ class CloudEvent(BaseModel):
     data: EventData
 
     @model_validator(mode="after")
-    def _extension_names(self) -> CloudEvent:
+    def _extension_names(self, info: ValidationInfo) -> CloudEvent:
         for name in self.model_extra or {}:
             if not re.fullmatch(r"[a-z0-9]{1,20}", name):
                 raise ValueError(
                     f"{name!r}: CloudEvents attribute names are lower-case letters and digits"
                 )
+        if info.context == STORABLE_JSON:  # checked on the raw JSON (json_storable)
+            return self
         problem = why_unstorable(self)
         if problem is not None:
             raise ValueError(problem)

@@ -146,7 +146,10 @@ def json_decoder(model: type[BaseModel] | TypeAdapter[Any]) -> Decoder[Any]:
         if record.value is None:
             raise InvalidMessage("empty message value")
         try:
-            return validate(record.value)
+            # Walking a decoded model for NUL characters and depth costs more than the rest of
+            # its validation; JSON text that cannot hold either skips it.
+            storable = events.json_storable(record.value)
+            return validate(record.value, context=events.STORABLE_JSON if storable else None)
         except ValidationError as exc:
             if any(e["type"] == "json_invalid" for e in exc.errors()):
                 raise InvalidMessage(f"malformed JSON: {exc.errors()[0]['msg']}") from exc

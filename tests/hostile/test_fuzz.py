@@ -368,6 +368,29 @@ def test_an_event_nested_too_deep_to_publish_is_refused() -> None:
     assert isinstance(result, Unmappable), result
 
 
+@pytest.mark.parametrize(
+    ("attributes", "reason"),
+    [
+        ({"note": "a\x00b"}, "NUL characters are not allowed"),
+        ({"n\x00te": "x"}, "NUL characters are not allowed"),
+        ({"list": ["ok", ["a\x00"]]}, "NUL characters are not allowed"),
+        ({"deep": json.loads("[" * 31 + "]" * 31)}, "nested more than 32 levels deep"),
+        ({"deep": json.loads('{"k":' * 31 + "1" + "}" * 31)}, "nested more than 32 levels deep"),
+    ],
+)
+def test_a_kafka_event_holding_what_cannot_be_stored_is_dead_lettered(
+    attributes: dict[str, Any], reason: str
+) -> None:
+    """The consumer skips its walk for NUL and depth when the raw JSON cannot hold either; a
+    record that can is still walked, and refused with the reason (not stored, not a crash)."""
+    event = {**SPEC_EVENT, "data": {**SPEC_EVENT["data"], "attributes": attributes}}
+    with pytest.raises(InvalidMessage) as refused:
+        decode_event(record(dumps(event), []))
+    assert reason in str(refused.value)
+    shallow = {**SPEC_EVENT, "data": {**SPEC_EVENT["data"], "attributes": {"deep": [[["x"]]]}}}
+    assert decode_event(record(dumps(shallow), [])).data.attributes == {"deep": [[["x"]]]}
+
+
 # -- vendor webhooks ---------------------------------------------------------------------------
 
 SECRET = "hostile-webhook-secret-0123456789"
