@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from datetime import time as clock_time
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from services.common.program import Fatigue, FatigueRule, Suppression
@@ -34,6 +34,32 @@ Channel = Literal["email", "sms"]
 
 # Counted statuses: a cancelled or failed invitation was never a survey the customer received.
 COUNTED = ("pending", "sent")
+
+
+class Touched(Protocol):
+    """What the rules read of a survey the customer had, or has scheduled (a ``Touch``, or the
+    trigger's own record of an invitation: no copy is made per check)."""
+
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def account_id(self) -> str | None: ...
+    @property
+    def contact(self) -> str | None: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def survey_id(self) -> str: ...
+    @property
+    def trigger_id(self) -> str: ...
+    @property
+    def invited_at(self) -> datetime: ...
+    @property
+    def delivered_at(self) -> datetime | None: ...
+    @property
+    def responded_at(self) -> datetime | None: ...
+    @property
+    def status(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +100,7 @@ class Verdict:
     seen: dict[str, Any] = field(default_factory=dict)  # what the deciding rule counted
 
 
-def _key(rule: FatigueRule, c: Candidate | Touch) -> str | None:
+def _key(rule: FatigueRule, c: Candidate | Touched) -> str | None:
     if rule.key == "customer":
         return c.customer_id
     if rule.key == "account":
@@ -86,7 +112,7 @@ def _applies(rule: FatigueRule, candidate: Candidate) -> bool:
     return (rule.channel in ("any", candidate.channel)) and _key(rule, candidate) is not None
 
 
-def _clock(rule: FatigueRule, touch: Touch) -> datetime | None:
+def _clock(rule: FatigueRule, touch: Touched) -> datetime | None:
     if touch.status not in COUNTED:
         return None
     if rule.clock == "invited":
@@ -99,7 +125,7 @@ def _clock(rule: FatigueRule, touch: Touch) -> datetime | None:
 
 
 def counted_times(
-    rule: FatigueRule, candidate: Candidate, history: Iterable[Touch]
+    rule: FatigueRule, candidate: Candidate, history: Iterable[Touched]
 ) -> list[datetime]:
     """The clock times of the history's surveys this rule counts for this candidate."""
     key = _key(rule, candidate)
@@ -135,7 +161,7 @@ def _release_times(rule: FatigueRule, times: Sequence[datetime], after: datetime
 
 
 def check(
-    fatigue: Fatigue, candidate: Candidate, history: Sequence[Touch], *, ignore: bool = False
+    fatigue: Fatigue, candidate: Candidate, history: Sequence[Touched], *, ignore: bool = False
 ) -> Verdict:
     """Allow, drop or defer ``candidate`` given the customer's (and account's) history."""
     if ignore:

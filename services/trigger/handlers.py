@@ -51,9 +51,10 @@ def _restored(item: dict[str, Any]) -> Outgoing:
     return Outgoing(item["topic"], item["key"], item["value"].encode())
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    """An invitation as the batch sees it: from the table, or issued earlier in this batch."""
+    """An invitation as the batch sees it: from the table, or issued earlier in this batch.
+    Fatigue reads it as it is (a ``fatigue.Touched``)."""
 
     invitation_id: Any
     customer_id: str
@@ -68,30 +69,17 @@ class _Pending:
     channel: str = "email"
     delivered_at: datetime | None = None
     responded_at: datetime | None = None
-    _touch: fatigue.Touch | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
-        self.cancelled, self._touch = True, None
+        self.cancelled = True
 
-    def touch(self) -> fatigue.Touch:
-        """What fatigue counts of it (made once: every event of the account reads it)."""
-        if self._touch is None:
-            self._touch = self._make_touch()
-        return self._touch
+    @property
+    def invited_at(self) -> datetime:
+        return self.send_at
 
-    def _make_touch(self) -> fatigue.Touch:
-        return fatigue.Touch(
-            customer_id=self.customer_id,
-            account_id=self.account_id,
-            contact=self.contact,
-            channel="sms" if self.channel == "sms" else "email",
-            survey_id=self.survey_id,
-            trigger_id=self.trigger_id,
-            invited_at=self.send_at,
-            delivered_at=self.delivered_at,
-            responded_at=self.responded_at,
-            status="cancelled" if self.cancelled else "pending",
-        )
+    @property
+    def status(self) -> str:
+        return "cancelled" if self.cancelled else "pending"
 
 
 @dataclass
@@ -120,13 +108,11 @@ class _History:
         if p.contact:
             self.by_contact[p.contact].append(p)
 
-    def touches(
-        self, customer: str, account: str | None, contact: str | None
-    ) -> list[fatigue.Touch]:
+    def touches(self, customer: str, account: str | None, contact: str | None) -> list[_Pending]:
         found = {id(p): p for p in self.by_customer.get(customer, ())}
         found.update({id(p): p for p in self.by_account.get(account or "", ())})
         found.update({id(p): p for p in self.by_contact.get(contact or "", ())})
-        return [p.touch() for p in found.values()]
+        return list(found.values())
 
 
 def _contact(inv: InvitationRequested) -> str | None:
