@@ -945,14 +945,20 @@ async def cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup
     return out
 
 
+# percentile_disc(f) is the wait at position ⌈f·n⌉: with f = 0.5 + 1e-9 that is n/2 + 1 for an
+# even n and (n + 1)/2 for an odd one, for any group of fewer than 500 million waits.
+UPPER_MIDDLE = "0.500000001"
+
+
 async def contact_waits(
     session: AsyncSession, q: CellQuery
 ) -> list[tuple[CellGroup, ContactWaits]]:
     """Each group's contacted alerts and the two middle waits, from ``collector_contact_waits``
-    (a row per contacted alert: a few per cent of the answers). On PostgreSQL the lower middle
-    is ``percentile_disc(0.5)`` of the waits in ascending order and the upper middle the same
-    in descending order (the first wait whose position reaches half the count, from either
-    end), the segments compared bytewise (``COLLATE "C"``: only equality matters). Elsewhere
+    (a row per contacted alert: a few per cent of the answers). On PostgreSQL both middles come
+    from one sort of each group's waits: ``percentile_disc`` of 0.5 is the wait at position
+    ⌈n/2⌉ (the lower middle) and of ``UPPER_MIDDLE`` the one at ⌈n/2⌉ + 1 when n is even, the
+    same one when n is odd; the segments are compared bytewise (``COLLATE "C"``: only equality
+    matters). Elsewhere
     (SQLite) a running count of each group's waits in order: the lower middle is the first
     wait whose running count reaches half the group's (2·upto ≥ total), the upper middle the
     first that passes it (2·upto > total)."""
@@ -963,16 +969,16 @@ async def contact_waits(
         keys = keys[: len(keys) - len(q.segments)] + [
             getattr(ContactWait, column).collate("C") for column in q.segments
         ]
+        middles = func.percentile_disc(literal_column(f"ARRAY[0.5, {UPPER_MIDDLE}]"))
         stmt = (
-            select(
-                *keys,
-                func.count(),
-                func.percentile_disc(0.5).within_group(ContactWait.wait_us),
-                func.percentile_disc(0.5).within_group(ContactWait.wait_us.desc()),
-            )
+            select(*keys, func.count(), middles.within_group(ContactWait.wait_us))
             .where(*where)
             .group_by(*keys)
         )
+        return [
+            (_group(row, q), ContactWaits(int(row[-2]), int(row[-1][0]), int(row[-1][1])))
+            for row in await _rows(session, stmt)
+        ]
     else:
         inner = (
             select(*(k.label(f"k{i}") for i, k in enumerate(keys)), ContactWait.wait_us)
