@@ -94,6 +94,11 @@ class HttpSettings(BaseSettings):
     # (from the SIGTERM) for the consumers' batches in hand and the workers' rounds, the rest
     # for flushing the producer and closing connections (docs/operations-shutdown.md).
     shutdown_seconds: float = Field(default=20.0, ge=2.0)
+    # KAIKU_GC_THRESHOLD: allocations between the garbage collector's youngest-generation runs
+    # once the service has started (Python's default is 700; 0 keeps it). A batch or a score
+    # report builds tens of thousands of objects that all stay alive, which the default
+    # rescans over and over (docs/operations.md, "Garbage collection").
+    gc_threshold: int = Field(default=20_000, ge=0)
 
 
 class LinkSettings(BaseSettings):

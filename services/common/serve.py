@@ -10,6 +10,7 @@ stops the runtime (docs/operations-shutdown.md). A second Ctrl+C skips the waiti
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -72,6 +73,21 @@ async def _watch(runtimes: Sequence[Runtime], server: _Server) -> None:
     server.begin_shutdown("a consumer or worker died")
 
 
+def tune_gc(threshold: int) -> None:
+    """Once a service has started: move everything alive to the collector's permanent
+    generation (``gc.freeze``: the modules, the app and its settings are never garbage, and no
+    collection scans them again) and let ``threshold`` allocations pass between runs of the
+    youngest generation. A consumer batch or a ``/v1/scores`` report creates tens of thousands
+    of objects that stay alive until it is done; with Python's default (700) the collector ran
+    about every 700 of them and, every hundredth run or so, over the whole heap (half the time
+    of a 24,000-group report's reads)."""
+    gc.collect()
+    gc.freeze()
+    if threshold:
+        _, second, third = gc.get_threshold()
+        gc.set_threshold(threshold, second, third)
+
+
 async def _when_listening(server: uvicorn.Server, callback: Callable[[], None]) -> None:
     """Call ``callback`` once the server accepts connections (uvicorn binds its socket only after
     the lifespan's startup, so a line printed at startup could name a port not yet open)."""
@@ -102,7 +118,10 @@ async def serve_app(
     )
     server = _Server(config, runtimes, http.shutdown_seconds)
     server.loop = asyncio.get_running_loop()
-    watchers = [asyncio.create_task(_watch(runtimes, server))]
+    watchers = [
+        asyncio.create_task(_watch(runtimes, server)),
+        asyncio.create_task(_when_listening(server, lambda: tune_gc(http.gc_threshold))),
+    ]
     if on_listening is not None:
         watchers.append(asyncio.create_task(_when_listening(server, on_listening)))
     try:

@@ -27,11 +27,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.common import events
-from services.common.config import DatabaseSettings, KafkaSettings
+from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings
 from services.common.db import create_tables
 from services.common.kafka import ConsumerLoop, Outgoing, ensure_topics
 from services.common.program import load_program
 from services.common.runtime import Runtime
+from services.common.serve import tune_gc
 from services.common.tokens import LinkKeys
 from services.embedded import EmbeddedBroker
 from services.trigger.decoding import decode_event
@@ -299,6 +300,9 @@ GROUPS = ("trigger", "ingress", "dispatcher", "pages", "e2e", "memory", "scores"
 
 
 async def main(n: int, only: set[str]) -> list[Figure]:
+    # The services' garbage-collector settings (serve.tune_gc), for every figure and baseline
+    # measured in this process and the servers it forks.
+    tune_gc(HttpSettings().gc_threshold)
     broker = EmbeddedBroker()
     broker.start()
     figures: list[Figure] = []
