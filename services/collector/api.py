@@ -185,14 +185,15 @@ async def _read(session: AsyncSession, q: CellQuery) -> _Read:
 
 def _row(
     survey: Survey,
-    names: list[str],
+    labels: dict[str, str | None],
     group: CellGroup,
     current: _Read,
     before: CellGroup,
     previous: _Read,
     min_n: int,
 ) -> dict[str, Any]:
-    """One row as ``ScoreRow``'s fields, in order."""
+    """One row as ``ScoreRow``'s fields, in order; ``labels`` its ``group`` (the segment values
+    by name)."""
     metric = survey.metric
     sums = current.groups.get(group, EMPTY)
     result = current.score(metric, group)
@@ -205,7 +206,7 @@ def _row(
         "metric": metric,
         "target": survey.target,
         "period_start": group[1],
-        "group": {name: value or None for name, value in zip(names, group[2], strict=True)},
+        "group": labels,
         "n": result.n,
         "value": result.value,
         "ci_low": result.ci_low,
@@ -306,6 +307,8 @@ async def score_row_dicts(
         groups += [(s.id, None, ()) for s in surveys if (s.id, None, ()) not in current.groups]
     by_id = {s.id: s for s in surveys}
     back: dict[date, date] = {}  # each period start's previous one
+    # Each segment-value combination's "group" object, made once (an account has a row a month).
+    labels: dict[tuple[str, ...], dict[str, str | None]] = {}
     rows = []
     # (survey, period start, segment values): every period start a date, or every one None.
     for group in sorted(groups):
@@ -319,7 +322,12 @@ async def score_row_dicts(
                 back[start] = step(start, period, back=True)
             before_key = (group[0], back[start], group[2])
         survey = by_id[group[0]]
-        rows.append(_row(survey, names, group, current, before_key, previous, min_n))
+        label = labels.get(group[2])
+        if label is None:
+            label = labels[group[2]] = {
+                name: value or None for name, value in zip(names, group[2], strict=True)
+            }
+        rows.append(_row(survey, label, group, current, before_key, previous, min_n))
     return rows
 
 
