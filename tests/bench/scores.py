@@ -54,10 +54,11 @@ from services.collector import api
 from services.collector.models import Base
 from services.collector.repository import ROLLUP_SETS, SEGMENTS, CellQuery
 from services.collector.repository import SCORE_COLUMNS as SCORE_NAMES
-from services.common.config import DatabaseSettings
+from services.common.config import DatabaseSettings, HttpSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.http import bearer_auth, install_error_handlers
 from services.common.program import Program, parse_program
+from services.common.serve import tune_gc
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get(
@@ -104,7 +105,9 @@ JOIN (VALUES (0, 'relationship-nps', 'nps', 0, 10), (1, 'support-csat', 'csat', 
 """
 
 # What repository.count_answer keeps: one count per survey, day, segments, score, bot, with
-# how many of those answers alerted and how many of the alerted were contacted.
+# how many of those answers alerted and how many of the alerted were contacted. The counts are
+# inserted in day order, as a running collector adds them (each day's cells after the day
+# before's), so the tables' physical order follows the day as it does in production.
 FILL_SCORE_CELLS = """
 INSERT INTO collector_score_cells
     (survey_id, day, touchpoint, channel, team, agent, account_id, score, suspected_bot, n,
@@ -115,6 +118,7 @@ SELECT survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''), coalesce
        count(*) FILTER (WHERE alerted_at IS NOT NULL AND contacted_at IS NOT NULL)
 FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+ORDER BY 2, 1
 """
 
 # ... and the waits of the contacted alerts, to the microsecond, one row each.
@@ -126,6 +130,7 @@ SELECT response_id, survey_id, day, coalesce(touchpoint, ''), coalesce(channel, 
        (extract(epoch FROM contacted_at - alerted_at) * 1000000)::bigint
 FROM collector_responses
 WHERE alerted_at IS NOT NULL AND contacted_at IS NOT NULL
+ORDER BY day
 """
 
 # Deliveries: about three invitations delivered per answer, in the answers' segments.
@@ -136,6 +141,7 @@ SELECT survey_id, day, coalesce(touchpoint, ''), coalesce(channel, ''), coalesce
        coalesce(agent, ''), coalesce(account_id, ''), 3 * count(*)
 FROM collector_responses
 GROUP BY 1, 2, 3, 4, 5, 6, 7
+ORDER BY 2, 1
 """
 
 # What repository.count_answer and mark_delivered keep beside the cells: per survey, day and
@@ -427,6 +433,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 min_n=30,
             )
         )
+        tune_gc(HttpSettings().gc_threshold)  # as the collector does once started
         http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600
         )
@@ -446,12 +453,19 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 "group_by": group,
             }
 
+            checked = False
+
             async def run() -> None:
+                # Timed to the last byte of the answer; its JSON is parsed once (the warm-up),
+                # outside the timed runs: parsing 12 MB is the client's time, not the server's.
+                nonlocal checked
                 r = await http.get(
                     "/v1/scores", params=params, headers={"Authorization": f"Bearer {TOKEN}"}
                 )
                 assert r.status_code == 200, r.text
-                assert r.json()["rows"], "no rows"
+                if not checked:
+                    assert r.json()["rows"], "no rows"
+                    checked = True
 
             return run
 
