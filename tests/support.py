@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import importlib.util
 import re
 import threading
 import uuid
@@ -13,11 +14,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI
 from pydantic import SecretStr
 
@@ -187,3 +191,17 @@ def smtp_stack(
         ),
         collector_app(settings, collector or CollectorSettings(bot_min_seconds=0), program=program),
     )
+
+
+def run_migration_step(connection: Any, service: str, revision_file: str, step: str) -> None:
+    """Run one migration's ``upgrade`` or ``downgrade`` on a synchronous connection (inside
+    ``AsyncConnection.run_sync``), outside alembic's version bookkeeping: a data migration
+    applied to tables built from the models."""
+    root = Path(__file__).resolve().parent.parent
+    path = root / f"services/{service}/migrations/versions/{revision_file}.py"
+    spec = importlib.util.spec_from_file_location(f"{service}_migration_{revision_file}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with Operations.context(MigrationContext.configure(connection)):
+        getattr(module, step)()

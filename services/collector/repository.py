@@ -100,8 +100,8 @@ CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[Deli
 # pairs a report drills into (touchpoint and channel; team and agent: an agent's team), and
 # every segment but the account (for any other combination of them; a few thousand rows per
 # survey and month, where the cells, account included, are about as many as the answers). A
-# request reads the smallest set that covers its segments; with the account and another
-# segment none does, and it reads the full cells.
+# request reads the smallest set that covers its segments (then those of MONTH_SETS); with
+# the account and another segment none of these does, and it reads the full cells.
 ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
     (),
     *((segment,) for segment in SEGMENTS),
@@ -109,6 +109,21 @@ ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
     ("team", "agent"),
     ("touchpoint", "channel", "team", "agent"),
 )
+# Kept at the month grain only: the account with the segments a report pairs it with (per
+# survey and month at most accounts x 20 touchpoint-channel pairs, or accounts x teams: several
+# times fewer rows than the month's cells, where a day of them would be about as many as the
+# day's answers). They answer a request by month, or over whole months, that groups by the
+# account and the touchpoint, the channel or the team (not the agent: an account's agents are
+# about as many as its answers).
+MONTH_SETS: tuple[tuple[str, ...], ...] = (
+    ("account_id", "touchpoint", "channel"),
+    ("account_id", "team"),
+)
+# Every grouping set each grain keeps.
+GRAIN_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "day": ROLLUP_SETS,
+    "month": ROLLUP_SETS + MONTH_SETS,
+}
 
 
 def _rollup_keys(cell: Key) -> list[Key]:
@@ -119,7 +134,7 @@ def _rollup_keys(cell: Key) -> list[Key]:
     out: list[Key] = []
     for grain, bucket in (("day", day), ("month", day.replace(day=1))):
         base = (("survey_id", values["survey_id"]), ("grain", grain))
-        for grouping in ROLLUP_SETS:
+        for grouping in GRAIN_SETS[grain]:
             segments = tuple((s, values[s] if s in grouping else "") for s in SEGMENTS)
             out.append((*base, ("dim", ",".join(grouping)), ("bucket", bucket), *segments))
     return out
@@ -822,13 +837,16 @@ def rollup_ranges(q: CellQuery) -> list[RollupRange]:
 
 
 def rollup_set(q: CellQuery) -> tuple[str, ...] | None:
-    """The smallest grouping set of the roll-ups that covers the requested segments; None when
-    none does (the account and another segment): then the full cells answer, the slower path
-    (there are about as many cells as answers)."""
+    """The smallest grouping set of the roll-ups that covers the requested segments, at every
+    grain the request reads (``MONTH_SETS`` only when it reads whole months alone); None when
+    none does (the account with the agent, or with another segment over days or weeks): then
+    the full cells answer, the slower path (there are about as many cells as answers)."""
     for column in q.segments:
         if column not in SEGMENTS:
             raise ValueError(f"not a segment: {column}")
-    return next((g for g in ROLLUP_SETS if set(q.segments) <= set(g)), None)
+    grains = {grain for grain, _, _ in rollup_ranges(q)}
+    sets = GRAIN_SETS["month"] if grains == {"month"} else ROLLUP_SETS
+    return next((g for g in sets if set(q.segments) <= set(g)), None)
 
 
 def uses_rollups(q: CellQuery) -> bool:

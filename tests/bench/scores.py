@@ -6,15 +6,16 @@ A fresh PostgreSQL schema is filled with ``KAIKU_BENCH_SCORE_ANSWERS`` answers (
 5% skipped scores, 1% suspected bots, 5% alerted (60% of them contacted, up to three days
 later). The score and delivery cells, the contact waits and the roll-ups are then filled by
 ``INSERT ... SELECT ... GROUP BY``, equal to what the repository keeps with every answer. The
-plans of the reads of one request (month by account, and by team and agent: the roll-ups;
-June by account and channel: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the
-median of a few runs after a warm-up:
+plans of the reads of a few requests (month by account, by team and agent, and June by account
+and channel: the roll-ups; June by account and agent: the cells) are printed by ``EXPLAIN
+ANALYZE``. Each figure is the median of a few runs after a warm-up:
 
 - the whole ``/v1/scores`` request (through the ASGI app, with scoring and the comparison with
   the previous period) for one survey over the year: by month and team, agent or account, the
   database reads of the account one alone, without a period (partial months at both ends, the
-  whole year), by day and team over June, by month, team and agent, and June by account and
-  channel (the full cells: no roll-up groups by the account and another segment);
+  whole year), by day and team over June, by month, team and agent, June by account and
+  channel (the month roll-up of the account, touchpoint and channel), the year by month,
+  account and team, and June by account and agent (the full cells: no roll-up keeps those);
 - the same grouping computed from the answers instead of the cells, for contrast;
 - the baseline: ``SELECT count(*) FROM collector_responses``, in the same run.
 
@@ -52,13 +53,14 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from services.collector import api
 from services.collector.models import Base
-from services.collector.repository import ROLLUP_SETS, SEGMENTS, CellQuery
+from services.collector.repository import GRAIN_SETS, ROLLUP_SETS, SEGMENTS, CellQuery
 from services.collector.repository import SCORE_COLUMNS as SCORE_NAMES
 from services.common.config import DatabaseSettings, HttpSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.http import bearer_auth, install_error_handlers
 from services.common.program import Program, parse_program
 from services.common.serve import tune_gc
+from tests.support import run_migration_step
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get(
@@ -177,8 +179,10 @@ ROLLUPS = (
     ("collector_score_rollups", "collector_score_cells", SCORE_COLUMNS, SCORE_SUMS),
     ("collector_delivery_rollups", "collector_delivery_cells", ["n"], "sum(n)"),
 )
+MONTH_SETS_MIGRATION = "0002_account_month_rollups"
 COUNT_STATEMENTS = (
-    repr(ROLLUP_SETS),
+    repr(GRAIN_SETS),
+    (ROOT / f"services/collector/migrations/versions/{MONTH_SETS_MIGRATION}.py").read_text(),
     FILL_SCORE_CELLS,
     FILL_CONTACT_WAITS,
     FILL_DELIVERY_CELLS,
@@ -277,6 +281,9 @@ async def fill_counts(engine: AsyncEngine) -> None:
                     )
                 )
             )
+        # The month-only roll-ups of the account with another segment, from the cells: what
+        # the migration that introduced them fills in (repository.MONTH_SETS).
+        await conn.run_sync(run_migration_step, "collector", MONTH_SETS_MIGRATION, "upgrade")
     await vacuum(engine, [t for t in Base.metadata.tables if t != "collector_responses"])
     print(
         f"scores bench: cells and roll-ups filled in {time.perf_counter() - started:.0f} s",
@@ -497,14 +504,11 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 ("relationship-nps",), date(2024, 12, 1), date(2026, 1, 1), "month", segments
             )
             await plans(engine, sessions, year)
-        june = CellQuery(  # and May, to compare with
-            ("relationship-nps",),
-            date(2025, 5, 1),
-            date(2025, 7, 1),
-            "month",
-            ("account_id", "channel"),
-        )
-        await plans(engine, sessions, june)
+        for segments in (("account_id", "channel"), ("account_id", "agent")):
+            june = CellQuery(  # and May, to compare with
+                ("relationship-nps",), date(2025, 5, 1), date(2025, 7, 1), "month", segments
+            )
+            await plans(engine, sessions, june)
 
         size = f"{answers / 1e6:g}M"
         baseline = await timed(count)
@@ -523,7 +527,9 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         add("day_by_team_one_month", await timed(scores("team", "day", "2025-06-01", "2025-07-01")))
         add("month_by_team_agent", await timed(scores("team,agent")))
         june = ("month", "2025-06-01", "2025-07-01")
-        add("june_by_account_channel_cells", await timed(scores("account,channel", *june), runs=3))
+        add("june_by_account_channel", await timed(scores("account,channel", *june)))
+        add("month_by_account_team", await timed(scores("account,team"), runs=3))
+        add("june_by_account_agent_cells", await timed(scores("account,agent", *june), runs=3))
         add("month_by_team_from_answers", await timed(from_answers("team"), runs=3))
         add("count_again", await timed(count))
         await http.aclose()

@@ -38,7 +38,7 @@ from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.http import bearer_auth, install_error_handlers
 from services.common.program import Program, parse_program
 from tests.conftest import ROOT
-from tests.support import client
+from tests.support import client, run_migration_step
 
 TOKEN = "scores-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -347,7 +347,11 @@ COMBINATIONS = [
     ("none", ["agent", "team"], "2026-01-10", "2026-03-20"),
     ("week", ["channel", "agent"], "2026-02-01", "2026-03-01"),
     ("month", ["channel", "touchpoint"], "2026-01-01", "2026-03-01"),
-    # The account and another segment: the full cells.
+    # The account and another segment: by whole months the month roll-ups of the account with
+    # the touchpoint and channel, or with the team; else (and with the agent) the full cells.
+    ("month", ["account", "team"], "2026-01-01", "2026-04-01"),
+    ("month", ["channel", "account"], None, None),
+    ("none", ["account", "touchpoint", "channel"], "2026-02-01", "2026-04-01"),
     ("none", ["account", "team"], "2026-01-10", "2026-03-20"),
     ("month", ["agent", "account"], "2026-02-01", "2026-04-01"),
     ("day", ["account", "channel", "touchpoint"], "2026-03-01", "2026-03-03"),
@@ -471,7 +475,7 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
                 *(getattr(c, s) if s in grouping else "" for s in repository.SEGMENTS),
             )
             for grain, bucket in (("day", c.day), ("month", c.day.replace(day=1)))
-            for grouping in repository.ROLLUP_SETS
+            for grouping in repository.GRAIN_SETS[grain]
         ]
 
     def key_of(r: Any) -> tuple[Any, ...]:
@@ -499,6 +503,45 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
     got_delivered = Counter({key_of(r): r.n for r in delivery_rollups})
     assert +got_delivered == +want_delivered
     assert sum(want_delivered.values()) > 1000
+
+
+async def test_the_upgrade_fills_the_account_month_rollups_as_the_collector_keeps_them(
+    stack: Stack,
+) -> None:
+    """A collector upgraded from 0001 had no roll-ups of the account with another segment: the
+    migration fills them from the cells, equal to what the collector keeps from then on (the
+    rows ``fill`` made through the repository), and its downgrade removes them."""
+    await fill(stack, 600, seed=5)
+    dims = [",".join(g) for g in repository.MONTH_SETS]
+    tables = (ScoreRollup, DeliveryRollup)
+
+    async def snapshot() -> list[set[tuple[Any, ...]]]:
+        async with unit_of_work(stack.sessions) as session:
+            out = []
+            for table in tables:
+                rows = await session.execute(select(table).where(table.dim.in_(dims)))
+                out.append(
+                    {
+                        tuple(v for k, v in vars(r).items() if not k.startswith("_"))
+                        for r in rows.scalars()
+                    }
+                )
+            return out
+
+    kept = await snapshot()
+    assert all(len(rows) > 100 for rows in kept), [len(rows) for rows in kept]
+
+    async def run(step: str) -> None:
+        async with unit_of_work(stack.sessions) as session:
+            connection = await session.connection()
+            await connection.run_sync(
+                run_migration_step, "collector", "0002_account_month_rollups", step
+            )
+
+    await run("downgrade")
+    assert await snapshot() == [set(), set()]
+    await run("upgrade")
+    assert await snapshot() == kept
 
 
 async def test_close_the_loop_figures_follow_alerts_contacts_and_changes(stack: Stack) -> None:
@@ -695,11 +738,34 @@ def test_rollup_ranges(
         (("channel", "touchpoint"), ("touchpoint", "channel")),
         (("channel", "team"), ("touchpoint", "channel", "team", "agent")),
         (("touchpoint", "channel", "team", "agent"), ("touchpoint", "channel", "team", "agent")),
-        (("team", "account_id"), None),  # the full cells
+        # The account with another segment: kept by the month alone.
+        (("team", "account_id"), ("account_id", "team")),
+        (("account_id", "channel"), ("account_id", "touchpoint", "channel")),
+        (("account_id", "agent"), None),  # the full cells
+        (("account_id", "team", "channel"), None),
     ],
 )
 def test_rollup_set(segments: tuple[str, ...], grouping: tuple[str, ...] | None) -> None:
     q = repository.CellQuery(("s",), None, None, "month", segments)
+    assert repository.rollup_set(q) == grouping
+
+
+@pytest.mark.parametrize(
+    ("period", "since", "until", "grouping"),
+    [
+        ("month", date(2026, 1, 1), date(2026, 3, 1), ("account_id", "team")),
+        ("none", date(2026, 1, 1), date(2026, 3, 1), ("account_id", "team")),
+        ("none", None, None, ("account_id", "team")),
+        ("month", date(2026, 1, 10), date(2026, 3, 1), None),  # widened by the API, not here
+        ("none", date(2026, 1, 1), date(2026, 2, 20), None),  # a partial month: the day grain
+        ("week", date(2026, 1, 5), date(2026, 2, 2), None),
+        ("day", date(2026, 1, 1), date(2026, 2, 1), None),
+    ],
+)
+def test_the_account_with_another_segment_is_kept_by_the_month_only(
+    period: str, since: date | None, until: date | None, grouping: tuple[str, ...] | None
+) -> None:
+    q = repository.CellQuery(("s",), since, until, period, ("account_id", "team"))
     assert repository.rollup_set(q) == grouping
 
 
