@@ -976,10 +976,9 @@ async def contact_waits(
     from one sort of each group's waits: ``percentile_disc`` of 0.5 is the wait at position
     ⌈n/2⌉ (the lower middle) and of ``UPPER_MIDDLE`` the one at ⌈n/2⌉ + 1 when n is even, the
     same one when n is odd; the segments are compared bytewise (``COLLATE "C"``: only equality
-    matters). Elsewhere
-    (SQLite) a running count of each group's waits in order: the lower middle is the first
-    wait whose running count reaches half the group's (2·upto ≥ total), the upper middle the
-    first that passes it (2·upto > total)."""
+    matters). Elsewhere (SQLite) a running count of each group's waits in order: the lower
+    middle is the first wait whose running count reaches half the group's (2·upto ≥ total),
+    the upper middle the first that passes it (2·upto > total)."""
     postgres = session.bind is None or session.bind.dialect.name == "postgresql"
     keys = _cell_keys(session, ContactWait, q)
     where = _cell_where(ContactWait, q)
