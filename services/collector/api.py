@@ -278,6 +278,7 @@ async def score_row_dicts(
     building and validating a model per row)."""
     since, until = widen(since, until, period)
     names = list(group_by)
+    await repository.plan_for_reports(session)
     q = CellQuery(
         surveys=tuple(s.id for s in surveys),
         since=since,

@@ -22,6 +22,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     type_coerce,
     union_all,
     update,
@@ -882,6 +883,16 @@ def _rollup_query(
         or_(*spans) if len(spans) > 1 else spans[0],
     ]
     return keys, where
+
+
+async def plan_for_reports(session: AsyncSession) -> None:
+    """Before a report's reads, on PostgreSQL: no JIT compilation for the rest of the
+    transaction (``SET LOCAL jit = off``). The reads are index scans of a few thousand to tens
+    of thousands of roll-up rows, but the planner can overestimate them tenfold (the roll-ups
+    hold every grouping set in one table) and then spends more time compiling the query than
+    running it: 160 of 250 ms for the account by month over 10M answers."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await session.execute(text("SET LOCAL jit = off"))
 
 
 async def _rows(session: AsyncSession, stmt: Any) -> list[Any]:

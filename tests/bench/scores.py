@@ -52,7 +52,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from services.collector import api
+from services.collector import api, repository
 from services.collector.models import Base
 from services.collector.repository import GRAIN_SETS, ROLLUP_SETS, SEGMENTS, CellQuery
 from services.collector.repository import SCORE_COLUMNS as SCORE_NAMES
@@ -414,6 +414,7 @@ async def plans(engine: AsyncEngine, sessions: Any, q: CellQuery) -> None:
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
     label = f"{q.period} by {'+'.join(q.segments) or 'nothing'}"
     async with engine.connect() as conn:
+        await conn.execute(text("SET jit = off"))  # as a report's transaction runs them
         for statement, parameters in statements:
             result = await conn.exec_driver_sql(
                 "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters
@@ -496,6 +497,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
 
             async def run() -> None:
                 async with sessions() as session:
+                    await repository.plan_for_reports(session)  # as the request does
                     await api._read(session, q)
 
             return run
