@@ -101,8 +101,8 @@ CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[Deli
 # pairs a report drills into (touchpoint and channel; team and agent: an agent's team), and
 # every segment but the account (for any other combination of them; a few thousand rows per
 # survey and month, where the cells, account included, are about as many as the answers). A
-# request reads the smallest set that covers its segments (then those of MONTH_SETS); with
-# the account and another segment none of these does, and it reads the full cells.
+# request reads the smallest set that covers its segments; with the account and another
+# segment only a set of MONTH_SETS may (over whole months), else it reads the full cells.
 ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
     (),
     *((segment,) for segment in SEGMENTS),
@@ -1003,10 +1003,8 @@ async def contact_waits(
             .where(*where)
             .group_by(*keys)
         )
-        return [
-            (_group(row, q), ContactWaits(int(row[-2]), int(row[-1][0]), int(row[-1][1])))
-            for row in await _rows(session, stmt)
-        ]
+        # (keys…, count, [lower, upper]) as (keys…, count, lower, upper), as on SQLite
+        rows = [(*row[:-1], *row[-1]) for row in await _rows(session, stmt)]
     else:
         inner = (
             select(*(k.label(f"k{i}") for i, k in enumerate(keys)), ContactWait.wait_us)
@@ -1028,7 +1026,7 @@ async def contact_waits(
             func.min(case((2 * upto >= total, wait))),
             func.min(case((2 * upto > total, wait))),
         ).group_by(*by)
+        rows = await _rows(session, stmt)
     return [
-        (_group(row, q), ContactWaits(int(row[-3]), int(row[-2]), int(row[-1])))
-        for row in await _rows(session, stmt)
+        (_group(row, q), ContactWaits(int(row[-3]), int(row[-2]), int(row[-1]))) for row in rows
     ]

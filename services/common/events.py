@@ -112,12 +112,10 @@ def why_unstorable(value: Any) -> str | None:
     return None
 
 
-def json_storable(raw: bytes | str) -> bool:
+def json_storable(raw: bytes) -> bool:
     """True when JSON text cannot hold what ``why_unstorable`` refuses, so the walk can be
-    skipped: no NUL escape (JSON allows no raw NUL) and fewer brackets than ``MAX_DEPTH``
-    levels. False only means "walk it": most events are far shallower than the bracket count."""
-    if isinstance(raw, str):
-        raw = raw.encode()
+    skipped: no NUL escape (JSON allows no raw NUL) and no more brackets than ``MAX_DEPTH``
+    levels. False only means "walk it"."""
     return b"\\u0000" not in raw and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH
 
 

@@ -37,15 +37,15 @@ COUNTED = ("pending", "sent")
 
 
 class Touched(Protocol):
-    """What the rules read of a survey the customer had, or has scheduled (a ``Touch``, or the
-    trigger's own record of an invitation: no copy is made per check)."""
+    """A survey the customer had, or has scheduled: what the rules read of it (the trigger
+    passes its own records of invitations; no copy is made per check)."""
 
     @property
     def customer_id(self) -> str: ...
     @property
     def account_id(self) -> str | None: ...
     @property
-    def contact(self) -> str | None: ...
+    def contact(self) -> str | None: ...  # the email address or phone number it went to
     @property
     def channel(self) -> str: ...
     @property
@@ -53,29 +53,13 @@ class Touched(Protocol):
     @property
     def trigger_id(self) -> str: ...
     @property
-    def invited_at(self) -> datetime: ...
+    def invited_at(self) -> datetime: ...  # when it is (or was) to be sent
     @property
     def delivered_at(self) -> datetime | None: ...
     @property
     def responded_at(self) -> datetime | None: ...
     @property
-    def status(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class Touch:
-    """A survey the customer had, or has scheduled."""
-
-    customer_id: str
-    account_id: str | None
-    contact: str | None  # the email address or phone number it went to
-    channel: Channel
-    survey_id: str
-    trigger_id: str
-    invited_at: datetime  # when it is (or was) to be sent
-    delivered_at: datetime | None = None
-    responded_at: datetime | None = None
-    status: str = "pending"
+    def status(self) -> str: ...  # counted when one of COUNTED
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -9,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.common.program import Fatigue
-from services.trigger.fatigue import Candidate, Touch, allowed_from, check
+from services.trigger.fatigue import Candidate, allowed_from, check
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -23,6 +24,22 @@ def fatigue(*rules: dict[str, Any], quiet: list[dict[str, Any]] | None = None) -
             "quiet_hours": quiet or [],
         }
     )
+
+
+@dataclass(frozen=True)
+class Touch:
+    """A survey in the history (what ``fatigue.Touched`` describes)."""
+
+    customer_id: str
+    account_id: str | None
+    contact: str | None
+    channel: str
+    survey_id: str
+    trigger_id: str
+    invited_at: datetime
+    delivered_at: datetime | None = None
+    responded_at: datetime | None = None
+    status: str = "pending"
 
 
 def touch(days_ago: float, **kw: Any) -> Touch:
