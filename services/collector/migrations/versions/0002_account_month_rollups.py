@@ -48,6 +48,14 @@ def _fill(rollups: str, cells: str, columns: Sequence[str], sums: Sequence[str])
 
 
 def upgrade() -> None:
+    """Fill the month sets from the cells, exactly, whenever it runs: on PostgreSQL the roll-ups
+    are locked against writes meanwhile (readers go on), any month-set rows there already (a
+    re-run after ``downgrade``, see docs/operations.md) are replaced."""
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(
+            "LOCK TABLE collector_score_rollups, collector_delivery_rollups IN EXCLUSIVE MODE"
+        )
+    downgrade()
     score_sums = [
         *(f"SUM(CASE WHEN {when} THEN n ELSE 0 END)" for when in SCORE_SUMS.values()),
         "SUM(alerted)",
@@ -58,6 +66,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    """Remove the month sets' rows (the collector of the release before keeps none)."""
     dims = ", ".join(f"'{','.join(g)}'" for g in MONTH_SETS)
     for table in ("collector_score_rollups", "collector_delivery_rollups"):
         op.execute(f"DELETE FROM {table} WHERE grain = 'month' AND dim IN ({dims})")  # noqa: S608
