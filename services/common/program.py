@@ -239,6 +239,16 @@ class FatigueRule(_Model):
     action: Literal["drop", "defer"] = Field(
         default="drop", description="drop the invitation, or defer it to when it is allowed"
     )
+    max_defer: Duration | None = Field(
+        default=None,
+        description="defer: the longest this rule may postpone a send (default: its window); "
+        "an invitation that would wait longer is dropped, so a key that gets more events than "
+        "its limit allows never builds an ever longer queue of stale surveys",
+    )
+
+    @property
+    def defer_limit(self) -> timedelta:
+        return self.window if self.max_defer is None else self.max_defer
 
 
 class QuietHours(_Model):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from datetime import time as clock_time
 from typing import Any, Literal, Protocol
@@ -82,6 +82,7 @@ class Verdict:
     rule: str | None = None  # the rule that decided (drop/defer)
     next_eligible_at: datetime | None = None
     seen: dict[str, Any] = field(default_factory=dict)  # what the deciding rule counted
+    deferring: tuple[str, ...] = ()  # defer: every rule that bit
 
 
 def _key(rule: FatigueRule, c: Candidate | Touched) -> str | None:
@@ -166,9 +167,47 @@ def check(
     for moment in moments:
         if not any(bites(r, counted[r.id], moment) for r in rules):
             first = biting[0]
-            return Verdict("defer", moment, first.id, moment, _seen(first, counted[first.id], at))
+            seen = _seen(first, counted[first.id], at)
+            return Verdict("defer", moment, first.id, moment, seen, tuple(r.id for r in biting))
     first = biting[0]  # unreachable with finite history; dropped to be safe
     return Verdict("drop", None, first.id, None, _seen(first, counted[first.id], at))
+
+
+def schedule(
+    fatigue: Fatigue,
+    candidate: Candidate,
+    history: Sequence[Touched],
+    zone: str | None,
+    *,
+    ignore: bool = False,
+) -> Verdict:
+    """When ``candidate`` may be sent. Fatigue rules and quiet hours (in ``zone``) each move the
+    send only forward, so they take turns until both allow it. ``allow``: at the requested time or
+    moved by quiet hours alone; ``defer``: moved by a rule (the last one that moved it is named);
+    ``drop``: by a dropping rule, or by a deferring rule whose ``max_defer`` (default: its
+    window) the rules' postponement would exceed (quiet hours' moves are not counted),
+    ``next_eligible_at`` then being when it would have gone."""
+    at, deferred, deferring = candidate.send_at, None, set[str]()
+    postponed = timedelta(0)
+    for _ in range(16):
+        at = allowed_from(fatigue, at, candidate.channel, zone)
+        verdict = check(fatigue, replace(candidate, send_at=at), history, ignore=ignore)
+        if verdict.action != "defer":
+            if verdict.action == "drop":
+                return verdict
+            break
+        assert verdict.send_at is not None
+        postponed += verdict.send_at - at
+        at, deferred = verdict.send_at, verdict
+        deferring.update(verdict.deferring)
+    if deferred is None:
+        return Verdict("allow", at)
+    exceeded = [r for r in fatigue.rules if r.id in deferring and postponed > r.defer_limit]
+    if exceeded:
+        rule = min(exceeded, key=lambda r: r.defer_limit)
+        seen = _seen(rule, counted_times(rule, candidate, history), candidate.send_at)
+        return Verdict("drop", None, rule.id, at, {**seen, "max_defer": str(rule.defer_limit)})
+    return replace(deferred, send_at=at, next_eligible_at=at)
 
 
 def _seen(rule: FatigueRule, times: Sequence[datetime], at: datetime) -> dict[str, Any]:

@@ -504,25 +504,18 @@ class EventHandler:
             return outcome.skipped(
                 f"suppressed:{blocked.reason}", blocked.detail, blocked.next_eligible_at
             )
-        at, deferred_by = inv.send_at, None
-        for _ in range(16):  # fatigue and quiet hours each move the time only forward
-            at = fatigue.allowed_from(self.program.fatigue, at, inv.channel, zone)
-            verdict = fatigue.check(
-                self.program.fatigue,
-                replace(candidate, send_at=at),
-                touches,
-                ignore=survey.ignore_fatigue,
+        verdict = fatigue.schedule(
+            self.program.fatigue, candidate, touches, zone, ignore=survey.ignore_fatigue
+        )
+        if verdict.action == "drop":
+            return outcome.skipped(
+                f"fatigue:{verdict.rule}",
+                {**verdict.seen, "channel": inv.channel},
+                verdict.next_eligible_at,
             )
-            if verdict.action == "drop":
-                return outcome.skipped(
-                    f"fatigue:{verdict.rule}",
-                    {**verdict.seen, "channel": inv.channel},
-                    verdict.next_eligible_at,
-                )
-            if verdict.action == "allow":
-                break
-            assert verdict.send_at is not None
-            at, deferred_by = verdict.send_at, verdict
+        assert verdict.send_at is not None
+        at = verdict.send_at
+        deferred_by = verdict if verdict.action == "defer" else None
         full = await self._quota_full(batch, inv.survey_id, at)
         if full is not None:
             return outcome.skipped(full, {"send_at": at.isoformat()})

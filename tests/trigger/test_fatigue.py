@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.common.program import Fatigue
-from services.trigger.fatigue import Candidate, allowed_from, check
+from services.trigger.fatigue import Candidate, allowed_from, check, schedule
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -278,6 +278,73 @@ def test_a_deferred_send_is_checked_against_surveys_scheduled_later() -> None:
     history = [touch(10), touch(-25, status="pending")]
     verdict = check(fatigue({**CUSTOMER_30D, "action": "defer"}), candidate(), history)
     assert verdict.send_at == T0 + 55 * DAY
+
+
+# A survey 10 days ago and one scheduled in 25 days, limit 1 in 30 days: the rules allow the
+# next one on day 55 (as above), a postponement longer than the 30-day window.
+QUEUED = [touch(10), touch(-25, status="pending")]
+DEFER_30D = {**CUSTOMER_30D, "action": "defer"}
+ACCOUNT_7D = {"key": "account", "window": "7d", "limit": 1, "action": "defer"}
+
+
+@pytest.mark.parametrize(
+    ("name", "rules", "history", "action", "send_at", "rule"),
+    [
+        ("nothing bites", [DEFER_30D], [], "allow", T0, None),
+        ("within the window", [DEFER_30D], [touch(10)], "defer", T0 + 20 * DAY, "r0"),
+        ("exactly one window", [DEFER_30D], [touch(0)], "defer", T0 + 30 * DAY, "r0"),
+        ("past the window: dropped", [DEFER_30D], QUEUED, "drop", None, "r0"),
+        (
+            "max_defer allows it",
+            [{**DEFER_30D, "max_defer": "60d"}],
+            QUEUED,
+            "defer",
+            T0 + 55 * DAY,
+            "r0",
+        ),
+        ("max_defer shorter", [{**DEFER_30D, "max_defer": "19d"}], [touch(10)], "drop", None, "r0"),
+        # Both rules bite: the account's alone would wait 3 days, the customer's 20. Postponed
+        # 20 days, past the account's 7-day limit: the account's rule is the one that drops it.
+        (
+            "the tighter limit decides",
+            [DEFER_30D, ACCOUNT_7D],
+            [touch(10), touch(4, customer_id="c2")],
+            "drop",
+            None,
+            "r1",
+        ),
+    ],
+)
+def test_a_deferral_is_bounded_by_max_defer(
+    name: str,
+    rules: list[dict[str, Any]],
+    history: list[Touch],
+    action: str,
+    send_at: datetime | None,
+    rule: str | None,
+) -> None:
+    verdict = schedule(fatigue(*rules), candidate(), history, "Europe/Helsinki")
+    assert (verdict.action, verdict.send_at, verdict.rule) == (action, send_at, rule)
+    if action == "drop":  # the ledger says when it would have gone, and why it did not
+        assert verdict.next_eligible_at is not None and verdict.next_eligible_at > T0
+        assert verdict.seen["max_defer"] == str(fatigue(*rules).rules[int(rule[1:])].defer_limit)
+
+
+def test_quiet_hours_do_not_count_against_max_defer() -> None:
+    # A survey at 18:00 in Helsinki and a rule of one per 27 hours: the next may go at 21:00 the
+    # day after (postponed exactly its window), inside the quiet hours, so it moves on to 09:00.
+    # It waits 39 hours in all but is sent: only the rule's own postponement counts.
+    rule = {"key": "customer", "window": "27h", "limit": 1, "action": "defer"}
+    quiet = [{"start": "20:00", "end": "09:00"}]
+    at = utc("2026-11-19T18:00:00+02:00")
+    verdict = schedule(
+        fatigue(rule, quiet=quiet),
+        candidate(send_at=at),
+        [touch(0, invited_at=at)],
+        "Europe/Helsinki",
+    )
+    assert verdict.action == "defer"
+    assert verdict.send_at == utc("2026-11-21T09:00:00+02:00")
 
 
 def test_rolling_windows_hold_at_every_instant() -> None:
