@@ -210,3 +210,12 @@ async def test_defer_quiet_hours_and_the_decision_ledger(
         assert older["decisions"][0]["id"] == one["id"]
         assert older["next_before"] is None
         assert (await http.get("/v1/customers/cust-ledger/decisions")).status_code == 401
+
+        # A third would wait past the second's window too: longer than the rule's max_defer
+        # (its 30-day window by default), so it is dropped, and the ledger says until when.
+        third = event("cust-ledger", "acct-L", timezone=zone.key)
+        assert (await http.post("/v1/events", json=[third], headers=auth)).status_code == 202
+        latest = (await eventually(lambda: ledger(3), what="the third decision"))[0]
+        assert (latest["decision"], latest["reason"]) == ("skipped", "fatigue:customer-monthly")
+        assert latest["detail"]["max_defer"] == str(timedelta(days=30))
+        assert datetime.fromisoformat(latest["next_eligible_at"]) >= eligible + timedelta(days=30)
