@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 WEBHOOKS = Counter(
     "kaiku_alert_webhooks_total",
-    "Close-the-loop alert webhook attempts, by outcome (delivered, retried, failed)",
+    "Close-the-loop alert webhooks, by outcome (delivered, retried, failed; withdrawn: the "
+    "answer turned out a suspected bot)",
     ["outcome"],
 )
 ALERTED = Counter("kaiku_alerts_total", "Answers that matched an alert rule, by rule", ["rule"])
@@ -55,10 +56,17 @@ BATCH = 50
 
 
 async def record(
-    session: AsyncSession, program: Program, response: Response, now: datetime
+    session: AsyncSession,
+    program: Program,
+    response: Response,
+    now: datetime,
+    *,
+    hold: timedelta = timedelta(0),
 ) -> list[str]:
     """Alert on a stored answer if it matches rules that have not alerted for it yet; returns
-    those rules. Call in the answer's transaction, after ``repository.save_response``."""
+    those rules. Call in the answer's transaction, after ``repository.save_response``. The
+    webhooks are posted ``hold`` later: while the answer may still be found a link scanner's (a
+    trap-link hit after the POST re-marks it), and not at all if it is."""
     answer = alerts.Answer(
         survey_id=response.survey_id,
         metric=response.metric,
@@ -76,7 +84,7 @@ async def record(
         for hook in alerts.webhooks_for(program.alerts.webhooks, new)
     ]
     await repository.record_alert(
-        session, response, rules=already + new, deliveries=deliveries, now=now
+        session, response, rules=already + new, deliveries=deliveries, now=now, due=now + hold
     )
     for rule in new:
         ALERTED.labels(rule=rule).inc()
@@ -208,6 +216,10 @@ class AlertSender(Worker):
                     self._fail(delivery, "the webhook is no longer in the program")
                 elif response is None or response.erased_at is not None:
                     self._fail(delivery, "the answer was erased")
+                elif response.suspected_bot:
+                    WEBHOOKS.labels(outcome="withdrawn").inc()
+                    delivery.status = "withdrawn"
+                    delivery.last_error = f"the answer is a suspected bot: {response.bot_reason}"
                 else:
                     delivery.attempts += 1
                     delivery.next_attempt_at = now + lease

@@ -193,6 +193,7 @@ def router(
                 "open" if clicked is None else "score_link",
                 clicked,
                 clock(),
+                keep=rules.burst_window,
             )
             previous = await repository.response_for(session, found.invitation_id)
         selected = previous.score if previous else None
@@ -252,7 +253,9 @@ def router(
                     found, token, locale, selected=None, comment="", error="empty", status=422
                 )
             now = clock()
-            await repository.add_hit(session, found.invitation_id, "post", score, now)
+            await repository.add_hit(
+                session, found.invitation_id, "post", score, now, keep=rules.burst_window
+            )
             hits = await repository.recent_hits(
                 session, found.invitation_id, now - rules.burst_window
             )
@@ -267,7 +270,7 @@ def router(
                     day=local_day(now, zone),
                     bot_reason=reason,
                 )
-                await alerting.record(session, program, saved, now)
+                await alerting.record(session, program, saved, now, hold=rules.trap_window)
                 if reason is None:
                     log.info("answer stored (revision %d)", saved.revision)
                 else:
@@ -319,7 +322,9 @@ def router(
             if isinstance(found, HTMLResponse):
                 return found
             now = clock()
-            await repository.add_hit(session, found.invitation_id, "trap", None, now)
+            await repository.add_hit(
+                session, found.invitation_id, "trap", None, now, keep=rules.burst_window
+            )
             found.trap_hit_at = now
             # An answer POSTed just before the scanner reached the trap is its answer too.
             previous = await repository.response_for(session, found.invitation_id)

@@ -401,8 +401,19 @@ async def flag_bot(session: AsyncSession, response: Response, reason: str) -> No
 
 
 async def add_hit(
-    session: AsyncSession, invitation_id: uuid.UUID, kind: str, score: int | None, at: datetime
+    session: AsyncSession,
+    invitation_id: uuid.UUID,
+    kind: str,
+    score: int | None,
+    at: datetime,
+    *,
+    keep: timedelta,
 ) -> None:
+    """Note a request to the link, and forget the link's requests older than ``keep`` (the
+    longest bot detection looks back): however often a link is fetched, its hits stay few."""
+    await session.execute(
+        delete(Hit).where(Hit.invitation_id == invitation_id, Hit.at < at - keep)
+    )
     session.add(Hit(invitation_id=invitation_id, kind=kind, score=score, at=at))
     await session.flush()
 
@@ -639,11 +650,12 @@ async def record_alert(
     rules: list[str],
     deliveries: list[tuple[str, list[str]]],
     now: datetime,
+    due: datetime,
 ) -> None:
     """Mark the answer alerted (``rules``: every rule that has alerted for it so far), open its
-    follow-up if it has none, and queue one delivery per (webhook URL, its new rules). The
-    first alert counts in the answer's cells (``alerted``, and ``contacted`` with its wait if
-    the customer was contacted already)."""
+    follow-up if it has none, and queue one delivery per (webhook URL, its new rules), due at
+    ``due``. The first alert counts in the answer's cells (``alerted``, and ``contacted`` with
+    its wait if the customer was contacted already)."""
     before = counted(response)
     if response.alerted_at is None:
         response.alerted_at = now
@@ -662,7 +674,7 @@ async def record_alert(
             rules=",".join(new)[:500],
             url=url,
             attempts=0,
-            next_attempt_at=now,
+            next_attempt_at=due,
             status="pending",
             created_at=now,
         )

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import Request
 from starlette.responses import Response as HttpResponse
 
-from services.collector import alerting, alerts
+from services.collector import alerting, alerts, repository
 from services.collector.config import CollectorSettings
 from services.collector.models import AlertDelivery, Response
 from services.common.db import unit_of_work
@@ -234,6 +234,7 @@ async def store(
     comment: str | None = None,
     response_id: uuid.UUID | None = None,
     bot: bool = False,
+    hold: timedelta = timedelta(0),
 ) -> tuple[uuid.UUID, list[str]]:
     """Store (or change) an answer and alert on it in one transaction, as the survey POST does."""
     async with unit_of_work(sessions) as session:
@@ -257,7 +258,7 @@ async def store(
         row.score, row.comment, row.submitted_at = score, comment, now
         row.suspected_bot, row.bot_reason = bot, ("too_fast" if bot else None)
         await session.flush()
-        new = await alerting.record(session, program, row, now)
+        new = await alerting.record(session, program, row, now, hold=hold)
         return row.response_id, new
 
 
@@ -395,6 +396,39 @@ async def test_posts_signed_retries_transient_and_honours_retry_after(
     assert body["data"]["rules"] == ["nps-detractor", "angry-words"]
     assert (body["data"]["score"], body["data"]["comment"]) == (2, "Terrible delivery")
     assert body["data"]["segments"]["team"] == "billing"
+
+
+async def test_an_alert_waits_out_the_trap_window_and_a_bot_s_is_withdrawn(
+    sessions: async_sessionmaker[AsyncSession],
+    receiver: tuple[LocalApi, list[int | tuple[int, dict[str, str]]]],
+) -> None:
+    api, _ = receiver
+    program = program_with(
+        [{"url": f"{api.url}/hooks/kaiku", "secret_env": "KAIKU_ALERT_SECRET_TEST"}]
+    )
+    hold = timedelta(minutes=2)
+    person, _ = await store(sessions, program, T0, score=1, hold=hold)
+    scanner, _ = await store(sessions, program, T0, score=0, hold=hold)
+    # The scanner reaches the email's hidden trap link after its POST: its answer is re-marked,
+    # as the trap route does.
+    async with unit_of_work(sessions) as session:
+        row = await session.get(Response, scanner)
+        assert row is not None
+        await repository.flag_bot(session, row, "trap")
+    clock = Clock()
+    worker = sender(program, sessions, clock)
+    try:
+        assert await worker.round() == 0  # both held while a trap hit may still come
+        clock.now = T0 + hold
+        assert await worker.round() == 2
+    finally:
+        await worker.aclose()
+    status = {d.response_id: (d.status, d.last_error) for d in await deliveries(sessions)}
+    assert status == {
+        person: ("delivered", None),
+        scanner: ("withdrawn", "the answer is a suspected bot: trap"),
+    }
+    assert [json.loads(c.body)["data"]["response_id"] for c in api.calls] == [str(person)]
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.collector import repository
 from services.collector.bots import BotRules
 from services.collector.config import CollectorSettings
 from services.collector.models import Hit, Invitation
+from services.common.db import unit_of_work
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 RULES = BotRules.of(
@@ -98,3 +102,25 @@ def test_judge(
     now = T0 + timedelta(seconds=at)
     recent = [h for h in hits(*seen) if h.at >= now - RULES.burst_window]
     assert RULES.judge(invitation(delivered, trap), recent, now) == expected
+
+
+async def test_a_link_fetched_again_and_again_keeps_only_its_recent_hits(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    link, other = uuid.uuid4(), uuid.uuid4()
+    keep = RULES.burst_window
+    async with unit_of_work(sessions) as session:
+        await repository.add_hit(session, other, "open", None, T0, keep=keep)
+    for second in range(0, 600, 5):  # the page reloaded every 5 seconds for 10 minutes
+        async with unit_of_work(sessions) as session:
+            at = T0 + timedelta(seconds=second)
+            await repository.add_hit(session, link, "score_link", second % 11, at, keep=keep)
+    last = T0 + timedelta(seconds=595)
+    async with unit_of_work(sessions) as session:
+        stored = (await session.execute(select(Hit.invitation_id, Hit.at))).all()
+        recent = await repository.recent_hits(session, link, last - keep)
+    kept = sorted(at for i, at in stored if i == link)
+    # The last minute's 13 requests: all that bot detection reads, nothing older.
+    assert kept == [last - timedelta(seconds=s) for s in range(60, -1, -5)]
+    assert [h.at for h in recent] == kept
+    assert [at for i, at in stored if i == other] == [T0]  # another link's are its own

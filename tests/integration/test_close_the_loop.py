@@ -124,7 +124,10 @@ async def test_an_unhappy_answer_alerts_once_and_is_followed_up(
 ) -> None:
     monkeypatch.setenv("KAIKU_ALERT_SECRET_CRM", SECRET)
     collector = CollectorSettings(
-        bot_min_seconds=0, alert_retry_base_seconds=0.2, alert_poll_seconds=0.1
+        bot_min_seconds=0,
+        trap_window_seconds=1,  # how long an alert waits for a late trap-link hit
+        alert_retry_base_seconds=0.2,
+        alert_poll_seconds=0.1,
     )
     app = smtp_stack(
         kafka,
@@ -147,11 +150,11 @@ async def test_an_unhappy_answer_alerts_once_and_is_followed_up(
         await eventually(smtp_sink.count, what="the invitation email at the SMTP server")
         token = urlsplit(survey_link(smtp_sink.messages[0])).path.rsplit("/", 1)[1]
 
-        async def page_served() -> httpx.Response | None:
+        async def page_served(token: str) -> httpx.Response | None:
             page = await http.get(f"/s/{token}")
             return page if page.status_code == 200 else None
 
-        await eventually(page_served, timeout=10, what="the survey page")
+        await eventually(lambda: page_served(token), timeout=10, what="the survey page")
         answer = await http.post(
             f"/s/{token}", data={"score": "3", "comment": "Huono toimitus"}, follow_redirects=False
         )
@@ -215,5 +218,25 @@ async def test_an_unhappy_answer_alerts_once_and_is_followed_up(
         lines = exported.text.strip().split("\r\n")
         assert len(lines) == 2 and "contacted" in lines[1] and "Huono" in lines[1]
 
+        # A link scanner that POSTs a detractor's score and only then follows the hidden trap
+        # link: its answer is re-marked a suspected bot within the trap window, and its alert,
+        # waiting out that window, is withdrawn: the CRM never hears of it.
+        posted = await http.post("/v1/events", json=order_delivered("cust-6160"), headers=AUTH)
+        assert posted.status_code == 202, posted.text
+        await eventually(lambda: smtp_sink.count() == 2, what="the second invitation email")
+        scanned = urlsplit(survey_link(smtp_sink.messages[1])).path.rsplit("/", 1)[1]
+        await eventually(lambda: page_served(scanned), timeout=10, what="the second page")
+        bot = await http.post(f"/s/{scanned}", data={"score": "0"}, follow_redirects=False)
+        assert bot.status_code == 303
+        assert (await http.get(f"/s/{scanned}/trap")).status_code == 200
+
+        async def withdrawn() -> list[AlertDelivery]:
+            return [d for d in await alert_rows() if d.status == "withdrawn"]
+
+        [pulled] = await eventually(withdrawn, what="the scanner's alert withdrawn")
+        assert pulled.last_error == "the answer is a suspected bot: trap"
+        assert pulled.attempts == 0 and len(receiver.seen) == 2
+
         metrics = (await http.get("/collector/metrics")).text
         assert 'kaiku_alert_webhooks_total{outcome="delivered"}' in metrics
+        assert 'kaiku_alert_webhooks_total{outcome="withdrawn"}' in metrics
