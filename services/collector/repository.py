@@ -411,9 +411,7 @@ async def add_hit(
 ) -> None:
     """Note a request to the link, and forget the link's requests older than ``keep`` (the
     longest bot detection looks back): however often a link is fetched, its hits stay few."""
-    await session.execute(
-        delete(Hit).where(Hit.invitation_id == invitation_id, Hit.at < at - keep)
-    )
+    await session.execute(delete(Hit).where(Hit.invitation_id == invitation_id, Hit.at < at - keep))
     session.add(Hit(invitation_id=invitation_id, kind=kind, score=score, at=at))
     await session.flush()
 
