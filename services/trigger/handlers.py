@@ -69,6 +69,7 @@ class _Pending:
     channel: str = "email"
     delivered_at: datetime | None = None
     responded_at: datetime | None = None
+    failed: bool = False  # the send failed or bounced (kaiku.deliveries): it does not count
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -79,7 +80,7 @@ class _Pending:
 
     @property
     def status(self) -> str:
-        return "cancelled" if self.cancelled else "pending"
+        return "cancelled" if self.cancelled else "failed" if self.failed else "pending"
 
 
 @dataclass
@@ -263,6 +264,8 @@ class EventHandler:
             since=min(earliest - coalesce_window, now - rules_window),
             now=now,
         ):
+            if row.cancelled_at is not None:
+                continue  # nothing counts a cancelled invitation or cancels it again
             history.add(
                 _Pending(
                     row.invitation_id,
@@ -272,12 +275,13 @@ class EventHandler:
                     row.case_id,
                     row.send_at,
                     row.created_at,
-                    row.cancelled_at is not None,
+                    False,
                     row.account_id,
                     row.contact,
                     row.channel,
                     row.delivered_at,
                     row.responded_at,
+                    row.failed_at is not None,
                 )
             )
 

@@ -114,6 +114,7 @@ HISTORY_COLUMNS = (
     Invitation.channel,
     Invitation.delivered_at,
     Invitation.responded_at,
+    Invitation.failed_at,
 )
 
 

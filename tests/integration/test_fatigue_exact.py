@@ -25,7 +25,7 @@ from services.common.kafka import ensure_topics
 from services.common.program import parse_program
 from services.common.settings import CommonSettings
 from services.trigger.app import create_app
-from services.trigger.models import Decision
+from services.trigger.models import Decision, Invitation
 from tests.conftest import read_topic
 from tests.support import client, eventually, running
 
@@ -128,6 +128,67 @@ async def test_limits_hold_with_four_concurrent_workers(
     assert max(per_account.values()) == 2  # account-weekly: 2 in 7 days
     assert len(per_account) == 12  # and every account got its two: nothing over-dropped
     assert sum(per_account.values()) == 24
+
+
+async def test_a_send_that_failed_does_not_count(
+    kafka: KafkaSettings, postgres: DatabaseSettings
+) -> None:
+    """The dispatcher's report that an invitation bounced (on kaiku.deliveries) takes it out of
+    the customer's and the account's counts: the next event surveys them. A delivered one
+    still counts."""
+    app = create_app(settings(kafka, postgres), program=parse_program(PROGRAM))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with running(app), client(app) as http:
+
+        async def ledger(customer: str, n: int) -> list[dict[str, Any]] | None:
+            r = await http.get(f"/v1/customers/{customer}/decisions", headers=auth)
+            rows: list[dict[str, Any]] = r.json()["decisions"]
+            return rows if len(rows) >= n else None
+
+        async def invite_and_report(customer: str, status: str) -> None:
+            posted = await http.post("/v1/events", json=[event(customer, customer)], headers=auth)
+            assert posted.status_code == 202
+            [first] = await eventually(lambda: ledger(customer, 1), what="the first decision")
+            assert first["decision"] == "invited"
+            report = events.DeliveryRecorded(
+                invitation_id=first["invitation_id"],
+                survey_id=first["survey_id"],
+                customer_id=customer,
+                channel="email",
+                provider="smtp",
+                status=status,
+                reason="550 5.1.1 no such user" if status == "bounced" else None,
+                occurred_at=datetime.now(UTC),
+            )
+            producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    kafka.topic(events.DELIVERIES),
+                    report.model_dump_json().encode(),
+                    key=customer.encode(),
+                )
+            finally:
+                await producer.stop()
+
+        await invite_and_report("cust-bounced", "bounced")
+        await invite_and_report("cust-reached", "delivered")
+
+        async def recorded() -> bool:  # the trigger has taken both reports in
+            async with app.state.runtime.sessions() as s:
+                stmt = select(func.count()).where(
+                    (Invitation.failed_at.is_not(None)) | (Invitation.delivered_at.is_not(None))
+                )
+                return int((await s.execute(stmt)).scalar_one()) == 2
+
+        await eventually(recorded, what="the delivery reports at the trigger")
+        for customer in ("cust-bounced", "cust-reached"):
+            again = event(customer, customer, "order.delivered")
+            assert (await http.post("/v1/events", json=[again], headers=auth)).status_code == 202
+        [bounced, _] = await eventually(lambda: ledger("cust-bounced", 2), what="a decision")
+        [reached, _] = await eventually(lambda: ledger("cust-reached", 2), what="a decision")
+        assert bounced["decision"] == "invited"
+        assert (reached["decision"], reached["reason"]) == ("skipped", "fatigue:customer-monthly")
 
 
 NIGHT_ZONES = [
