@@ -72,7 +72,9 @@ async def test_erasure_scrubs_the_collector_and_publishes_the_event(
         )
         invitation = await repository.invitation_by_token(session, "zz-token-0123456789")
         assert invitation is not None
-        await repository.add_hit(session, invitation_id, "open", None, NOW)
+        await repository.add_hit(
+            session, invitation_id, "open", None, NOW, keep=timedelta(minutes=1)
+        )
         response = await repository.save_response(
             session, invitation, score=3, comment=COMMENT, now=NOW, day=date(2026, 11, 20)
         )

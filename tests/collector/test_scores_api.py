@@ -197,8 +197,9 @@ async def fill(stack: Stack, answers: int, seed: int = 7) -> None:
                             session, answer, status, later(rng, when, 3)
                         )
                     if rng.random() < 0.08:
+                        alerted = later(rng, when, 10)
                         await repository.record_alert(
-                            session, answer, rules=["r"], deliveries=[], now=later(rng, when, 10)
+                            session, answer, rules=["r"], deliveries=[], now=alerted, due=alerted
                         )
                 if rng.random() < 0.03 and not answer.suspected_bot:
                     await repository.flag_bot(session, answer, "trap")
