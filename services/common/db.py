@@ -112,7 +112,11 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
 def upsert_insert(session: AsyncSession) -> Any:
     """The INSERT construct of the session's database, which has ON CONFLICT (PostgreSQL's or
     SQLite's): every repository's idempotent writes go through it."""
-    dialect = session.bind.dialect.name if session.bind is not None else "postgresql"
+    return dialect_insert(session.bind.dialect.name if session.bind is not None else "postgresql")
+
+
+def dialect_insert(dialect: str) -> Any:
+    """``upsert_insert`` by the dialect's name."""
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
