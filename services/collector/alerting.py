@@ -213,13 +213,12 @@ class AlertSender(Worker):
             due = await repository.due_alert_deliveries(session, now=now, limit=BATCH)
             for delivery, response in due:
                 if delivery.url not in self.secrets:
-                    self._fail(delivery, "the webhook is no longer in the program")
+                    self._close(delivery, "failed", "the webhook is no longer in the program")
                 elif response is None or response.erased_at is not None:
-                    self._fail(delivery, "the answer was erased")
+                    self._close(delivery, "failed", "the answer was erased")
                 elif response.suspected_bot:
-                    WEBHOOKS.labels(outcome="withdrawn").inc()
-                    delivery.status = "withdrawn"
-                    delivery.last_error = f"the answer is a suspected bot: {response.bot_reason}"
+                    reason = f"the answer is a suspected bot: {response.bot_reason}"
+                    self._close(delivery, "withdrawn", reason)
                 else:
                     delivery.attempts += 1
                     delivery.next_attempt_at = now + lease
@@ -240,10 +239,11 @@ class AlertSender(Worker):
                     )
         return len(due)
 
-    def _fail(self, delivery: AlertDelivery, reason: str) -> None:
-        WEBHOOKS.labels(outcome="failed").inc()
-        log.warning("alert %s to %s failed for good: %s", delivery.id, where(delivery.url), reason)
-        delivery.status = "failed"
+    def _close(self, delivery: AlertDelivery, status: str, reason: str) -> None:
+        """Never post it: ``failed`` for good, or ``withdrawn`` (its answer turned out a bot's)."""
+        WEBHOOKS.labels(outcome=status).inc()
+        log.warning("alert %s to %s %s: %s", delivery.id, where(delivery.url), status, reason)
+        delivery.status = status
         delivery.last_error = reason
 
     async def post(self, attempt: Attempt) -> Outcome:

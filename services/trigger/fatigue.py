@@ -192,9 +192,9 @@ def schedule(
     for _ in range(16):
         at = allowed_from(fatigue, at, candidate.channel, zone)
         verdict = check(fatigue, replace(candidate, send_at=at), history, ignore=ignore)
-        if verdict.action != "defer":
-            if verdict.action == "drop":
-                return verdict
+        if verdict.action == "drop":
+            return verdict
+        if verdict.action == "allow":
             break
         assert verdict.send_at is not None
         postponed += verdict.send_at - at

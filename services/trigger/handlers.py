@@ -519,7 +519,6 @@ class EventHandler:
             )
         assert verdict.send_at is not None
         at = verdict.send_at
-        deferred_by = verdict if verdict.action == "defer" else None
         full = await self._quota_full(batch, inv.survey_id, at)
         if full is not None:
             return outcome.skipped(full, {"send_at": at.isoformat()})
@@ -532,14 +531,14 @@ class EventHandler:
             "timezone": zone or "unknown",
             "requested_send_at": inv.send_at.isoformat(),
         }
-        if deferred_by is not None:
+        if verdict.action == "defer":
             return replace(
                 outcome,
                 decision="deferred",
-                reason=f"fatigue:{deferred_by.rule}",
+                reason=f"fatigue:{verdict.rule}",
                 invitation=moved,
                 next_eligible_at=at,
-                detail={**detail, **deferred_by.seen},
+                detail={**detail, **verdict.seen},
             )
         return replace(
             outcome, reason="quiet_hours", invitation=moved, next_eligible_at=at, detail=detail

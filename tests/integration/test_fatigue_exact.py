@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from services.common import events
 from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings
-from services.common.kafka import ensure_topics
+from services.common.kafka import Outgoing, ensure_topics
 from services.common.program import parse_program
 from services.common.settings import CommonSettings
 from services.trigger.app import create_app
@@ -160,16 +160,10 @@ async def test_a_send_that_failed_does_not_count(
                 reason="550 5.1.1 no such user" if status == "bounced" else None,
                 occurred_at=datetime.now(UTC),
             )
-            producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-            await producer.start()
-            try:
-                await producer.send_and_wait(
-                    kafka.topic(events.DELIVERIES),
-                    report.model_dump_json().encode(),
-                    key=customer.encode(),
-                )
-            finally:
-                await producer.stop()
+            # As the dispatcher publishes it (on the trigger's own producer, already started).
+            await app.state.runtime.producer.publish(
+                [Outgoing(events.DELIVERIES, customer, report)]
+            )
 
         await invite_and_report("cust-bounced", "bounced")
         await invite_and_report("cust-reached", "delivered")
