@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -20,7 +21,8 @@ from pydantic_core import to_json
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository, scoring
-from services.collector.repository import CellGroup, CellQuery, CellSums
+from services.collector.cursors import MAX_CURSOR, Cursors
+from services.collector.repository import CellGroup, CellQuery, CellSums, KeyRange
 from services.common.db import unit_of_work
 from services.common.events import Metric
 from services.common.http import ApiError, error_responses
@@ -36,6 +38,11 @@ GROUPS = {
     "account": "account_id",
 }
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Rows of a page: by default enough for a year by month of every agent, or of every team and
+# agent; an account report is paged (a page is scored, serialized and sent while the next is
+# asked for: tens of thousands of rows at once would take seconds and tens of megabytes).
+DEFAULT_LIMIT = 5000
+MAX_LIMIT = 50000
 
 
 class ScoreRow(BaseModel):
@@ -85,6 +92,9 @@ class ScoresOut(BaseModel):
     group_by: list[str]
     min_n: int
     rows: list[ScoreRow]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= (same other parameters) for the next page; null: done"
+    )
 
 
 def _day(value: str | None, name: str, zone: ZoneInfo) -> date | None:
@@ -159,27 +169,40 @@ def _minutes(microseconds: int) -> float:
 
 
 class _Read:
-    """What the cells say about each group of one read, and each group's score (computed once,
-    also when the group is the previous period of another)."""
+    """What the cells say about each group of one read (its counts as read, made a
+    ``CellSums`` only for the groups a page shows or compares with), and each group's score
+    (computed once, also when the group is the previous period of another)."""
 
     def __init__(self) -> None:
-        self.groups: dict[CellGroup, CellSums] = {}
+        self.counts: dict[CellGroup, repository.ReadCounts] = {}
         self.medians: dict[CellGroup, float] = {}
         self._scores: dict[CellGroup, scoring.Score] = {}
 
-    def score(self, metric: str, group: CellGroup) -> scoring.Score:
+    def sums(self, group: CellGroup) -> CellSums:
+        counts = self.counts.get(group)
+        return EMPTY if counts is None else repository.sums(counts)
+
+    def score(self, metric: str, group: CellGroup, sums: CellSums) -> scoring.Score:
         found = self._scores.get(group)
         if found is None:
-            found = self._scores[group] = scoring.score(metric, self.groups.get(group, EMPTY).hist)
+            found = self._scores[group] = scoring.score(metric, sums.hist)
         return found
 
 
-async def _read(session: AsyncSession, q: CellQuery) -> _Read:
+async def _read(
+    session: AsyncSession, q: CellQuery, r: KeyRange = repository.EVERY, *, waits: bool = True
+) -> _Read:
+    """The groups of ``q`` in ``r``, in order, and (``waits``) their median waits."""
     read = _Read()
-    read.groups = dict(await repository.cell_sums(session, q))
-    for group, waits in await repository.contact_waits(session, q):
-        # The exact median: the mean of the two middle waits (one wait when the count is odd).
-        read.medians[group] = (_minutes(waits.lower_us) + _minutes(waits.upper_us)) / 2
+    read.counts = dict(await repository.cell_counts(session, q, r))
+    if waits and read.counts:
+        first, last = next(iter(read.counts)), next(reversed(read.counts))
+        if q.period != "none":  # the days of the page's periods only
+            starts = [g[1] for g in read.counts if g[1] is not None]
+            q = replace(q, since=min(starts), until=step(max(starts), q.period))
+        for group, found in await repository.contact_waits(session, q, KeyRange(first, True, last)):
+            # The exact median: the mean of the two middle waits (one when the count is odd).
+            read.medians[group] = (_minutes(found.lower_us) + _minutes(found.upper_us)) / 2
     return read
 
 
@@ -195,10 +218,11 @@ def _row(
     """One row as ``ScoreRow``'s fields, in order; ``labels`` its ``group`` (the segment values
     by name)."""
     metric = survey.metric
-    sums = current.groups.get(group, EMPTY)
-    result = current.score(metric, group)
-    earlier = previous.groups.get(before, EMPTY)
-    moved = scoring.compare(metric, result, previous.score(metric, before), sums.hist, earlier.hist)
+    sums = current.sums(group)
+    result = current.score(metric, group, sums)
+    earlier = previous.sums(before)
+    then = previous.score(metric, before, earlier)
+    moved = scoring.compare(metric, result, then, sums.hist, earlier.hist)
     responses = sums.skipped + sum(sums.hist.values())
     nps = metric == "nps"
     return {
@@ -252,9 +276,9 @@ async def score_rows(
     zone: ZoneInfo,
     min_n: int,
 ) -> list[ScoreRow]:
-    """The rows of ``GET /v1/scores`` as models (what the dashboard shows): see
+    """Every row of ``GET /v1/scores`` as models (what the dashboard shows): see
     ``score_row_dicts``."""
-    rows = await score_row_dicts(
+    rows, _ = await score_row_dicts(
         session, program, surveys, since, until, period, group_by, zone, min_n
     )
     return [ScoreRow(**row) for row in rows]
@@ -270,52 +294,67 @@ async def score_row_dicts(
     group_by: Sequence[str],
     zone: ZoneInfo,
     min_n: int,
-) -> list[dict[str, Any]]:
+    *,
+    after: CellGroup | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict[str, Any]], CellGroup | None]:
     """The rows of ``GET /v1/scores``: ``surveys`` over days ``since <= day < until`` (widened
     to whole periods), by ``period`` and the ``group_by`` names of ``GROUPS``, each compared
-    with the previous period of the same length and group. Plain dicts in the shape of
-    ``ScoreRow`` (there can be tens of thousands: the API serializes them as they are, without
-    building and validating a model per row)."""
+    with the previous period of the same length and group; in the order of their groups
+    (survey, period start, segment values), those after the group ``after``, at most
+    ``limit`` of them; and the group of the last row when more follow (else None). Plain dicts
+    in the shape of ``ScoreRow`` (a page can be thousands: the API serializes them as they
+    are, without building and validating a model per row)."""
     since, until = widen(since, until, period)
     names = list(group_by)
     await repository.plan_for_reports(session)
-    q = CellQuery(
-        surveys=tuple(s.id for s in surveys),
-        since=since,
-        until=until,
-        period=period,
-        segments=tuple(GROUPS[name] for name in names),
-    )
-    if period == "none":
-        current = await _read(session, q)
-        previous = _Read()
-        if since is not None:
-            end = until or datetime.now(zone).date() + timedelta(days=1)
-            before = CellQuery(q.surveys, since - (end - since), since, "none", q.segments)
-            previous = await _read(session, before)
-    else:
-        wider = CellQuery(
-            q.surveys,
-            step(since, period, back=True) if since is not None else None,
-            until,
-            period,
-            q.segments,
-        )
-        current = previous = await _read(session, wider)
-    groups = list(current.groups)
+    # The segments in the order of the roll-ups' key (the order of the rows).
+    segments = tuple(c for c in repository.SEGMENTS if c in {GROUPS[n] for n in names})
+    q = CellQuery(tuple(s.id for s in surveys), since, until, period, segments)
+    last = None
     if period == "none" and not names:
-        # A survey without answers still has its (empty) row.
-        groups += [(s.id, None, ()) for s in surveys if (s.id, None, ()) not in current.groups]
+        # A row per survey, also for a survey without answers: all of them, paged here.
+        current = await _read(session, q)
+        groups = sorted({*current.counts, *((s.id, None, ()) for s in surveys)})
+        groups = [g for g in groups if after is None or g > after]
+        if limit is not None and len(groups) > limit:
+            groups = groups[:limit]
+            last = groups[-1]
+    else:
+        page = KeyRange(after, limit=None if limit is None else limit + 1)
+        current = await _read(session, q, page)
+        groups = list(current.counts)
+        if limit is not None and len(groups) > limit:
+            groups = groups[:limit]
+            last = groups[-1]
+    previous = _Read()
+    if groups and period == "none" and since is not None:
+        # The same groups over the days just before, as many.
+        end = until or datetime.now(zone).date() + timedelta(days=1)
+        before = CellQuery(q.surveys, since - (end - since), since, "none", segments)
+        previous = await _read(session, before, KeyRange(groups[0], True, groups[-1]), waits=False)
+    elif groups and period != "none":
+        # The same groups a period earlier: the range of the page, a period back.
+        starts = [g[1] for g in groups if g[1] is not None]
+        before = CellQuery(
+            q.surveys, step(min(starts), period, back=True), max(starts), period, segments
+        )
+        first, final = groups[0], groups[-1]
+        r = KeyRange(
+            (first[0], step(first[1], period, back=True), first[2]),  # type: ignore[arg-type]
+            True,
+            (final[0], step(final[1], period, back=True), final[2]),  # type: ignore[arg-type]
+        )
+        previous = await _read(session, before, r, waits=False)
     by_id = {s.id: s for s in surveys}
     back: dict[date, date] = {}  # each period start's previous one
     # Each segment-value combination's "group" object, made once (an account has a row a month).
     labels: dict[tuple[str, ...], dict[str, str | None]] = {}
     rows = []
+    where = [segments.index(GROUPS[name]) for name in names]  # each name's value in a group
     # (survey, period start, segment values): every period start a date, or every one None.
-    for group in sorted(groups):
+    for group in groups:
         start = group[1]
-        if start is not None and since is not None and start < since:
-            continue  # the period before the first: only there to compare with
         if start is None:
             before_key = group
         else:
@@ -325,11 +364,31 @@ async def score_row_dicts(
         survey = by_id[group[0]]
         label = labels.get(group[2])
         if label is None:
+            values = group[2]
             label = labels[group[2]] = {
-                name: value or None for name, value in zip(names, group[2], strict=True)
+                name: values[i] or None for name, i in zip(names, where, strict=True)
             }
         rows.append(_row(survey, label, group, current, before_key, previous, min_n))
-    return rows
+    return rows, last
+
+
+def _scope(
+    surveys: Sequence[Survey], since: date | None, until: date | None, period: str, names: list[str]
+) -> str:
+    """What a scores cursor is bound to: the request but for its page size."""
+    return repr(("scores", [s.id for s in surveys], since, until, period, names))
+
+
+def _position(values: list[Any]) -> CellGroup:
+    """The group a scores cursor continues after, from its JSON (``_last``)."""
+    survey, start, segments = values
+    if not isinstance(survey, str) or not all(isinstance(v, str) for v in segments):
+        raise TypeError("not a group")
+    return (survey, None if start is None else date.fromisoformat(start), tuple(segments))
+
+
+def _last(group: CellGroup) -> list[Any]:
+    return [group[0], None if group[1] is None else group[1].isoformat(), list(group[2])]
 
 
 def router(
@@ -338,10 +397,12 @@ def router(
     sessions: async_sessionmaker[AsyncSession],
     auth: Any,
     min_n: int,
+    cursor_key: bytes,
     zone: ZoneInfo | None = None,
 ) -> APIRouter:
     api = APIRouter()
     tz = zone or ZoneInfo("UTC")
+    cursors = Cursors(cursor_key)
 
     @api.get(
         "/v1/scores",
@@ -360,7 +421,9 @@ def router(
             "NPS, CSAT or CES with n, a 95% interval and the change from the previous period "
             "(two-sided p-value), response rate, suspected bots and close-the-loop figures. "
             "Days are in the reporting time zone; ``from`` is inclusive, ``to`` exclusive. "
-            "With a period, both are widened to whole periods. See docs/scores.md."
+            "With a period, both are widened to whole periods. Rows come in pages of "
+            "``limit`` (by survey, period start and segment values); ``next_cursor`` asks for "
+            "the next. See docs/scores.md."
         ),
     )
     async def scores(
@@ -380,6 +443,14 @@ def router(
             default=None,
             description="touchpoint, channel, team, agent, account (repeat or comma-separate)",
         ),
+        limit: int = Query(
+            default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Rows of a page at most"
+        ),
+        cursor: str | None = Query(
+            default=None,
+            max_length=MAX_CURSOR,
+            description="next_cursor of the previous page (with the same other parameters)",
+        ),
     ) -> Response:
         surveys = _surveys(program, _split(survey), metric)
         names = _split(group_by)
@@ -395,9 +466,21 @@ def router(
         if since is not None and until is not None and since >= until:
             raise ApiError(422, "invalid", "to must be after from (to is exclusive)", "to")
         since, until = widen(since, until, period)
+        scope = _scope(surveys, since, until, period, names)
+        after = cursors.read(scope, cursor, _position) if cursor else None
         async with unit_of_work(sessions) as session:
-            rows = await score_row_dicts(
-                session, program, surveys, since, until, period, names, tz, min_n
+            rows, last = await score_row_dicts(
+                session,
+                program,
+                surveys,
+                since,
+                until,
+                period,
+                names,
+                tz,
+                min_n,
+                after=after,
+                limit=limit,
             )
         # ScoresOut's fields, serialized as they are (by pydantic-core): tens of thousands of
         # rows would otherwise each be built, validated and turned into a dict first.
@@ -409,6 +492,7 @@ def router(
             "group_by": names,
             "min_n": min_n,
             "rows": rows,
+            "next_cursor": None if last is None else cursors.make(scope, _last(last)),
         }
         return Response(content=to_json(out), media_type="application/json")
 

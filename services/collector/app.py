@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.collector import alerting, api, dashboard, erasure, links, responses
+from services.collector import alerting, api, cursors, dashboard, erasure, links, responses
 from services.collector.config import CollectorSettings, reporting_zone
 from services.collector.handlers import DeliveryHandler, InvitationHandler
 from services.collector.models import Base
@@ -77,6 +77,7 @@ def create_app(
             sessions=runtime.sessions,
             auth=bearer_auth(settings.http.api_token),
             min_n=collector.min_n,
+            cursor_key=cursors.cursor_key(settings.http.api_token),
             zone=zone,
         )
     )
@@ -92,7 +93,7 @@ def create_app(
         responses.router(
             sessions=runtime.sessions,
             auth=bearer_auth(settings.http.api_token),
-            cursor_key=responses.cursor_key(settings.http.api_token),
+            cursor_key=cursors.cursor_key(settings.http.api_token),
         )
     )
     app.include_router(

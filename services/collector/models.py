@@ -218,7 +218,8 @@ class RollupKey:
     # The grouping set, its segments joined by ",": "" (summed over every segment), one of
     # touchpoint, channel, team, agent, account_id, "touchpoint,channel", "team,agent" or
     # "touchpoint,channel,team,agent" (every segment but the account), and at the month grain
-    # only "account_id,touchpoint,channel" and "account_id,team": see ``repository.GRAIN_SETS``.
+    # only the account with each other segment and "account_id,touchpoint,channel": see
+    # ``repository.GRAIN_SETS``.
     dim: Mapped[str] = mapped_column(String(60), primary_key=True, sort_order=-18)
     bucket: Mapped[date] = mapped_column(Date, primary_key=True, sort_order=-17)
     # The segments of the grouping set as in the cells ("" when the answer did not carry one);

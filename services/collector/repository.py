@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import operator
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
@@ -16,6 +18,7 @@ from sqlalchemy import (
     DateTime,
     Integer,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -24,6 +27,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     type_coerce,
     union_all,
     update,
@@ -111,15 +115,20 @@ ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
     ("team", "agent"),
     ("touchpoint", "channel", "team", "agent"),
 )
-# Kept at the month grain only: the account with the segments a report pairs it with (per
-# survey and month at most accounts x 20 touchpoint-channel pairs, or accounts x teams: several
-# times fewer rows than the month's cells, where a day of them would be about as many as the
+# Kept at the month grain only, smallest first: the account with each other segment, and with
+# the touchpoint and channel (per survey and month at most accounts x 5 touchpoints, x 4
+# channels, x teams, x 20 touchpoint-channel pairs: several times fewer rows than the month's
+# cells; the account with the agent about a quarter of the month's answers in the benchmark,
+# where its cells are one per answer; a day of any of them would be about as many rows as the
 # day's answers). They answer a request by month, or over whole months, that groups by the
-# account and the touchpoint, the channel or the team (not the agent: an account's agents are
-# about as many as its answers).
+# account and one of those: each group one row, so a page of such a report is a range of the
+# primary key (migrations 0002 and 0003 filled them from the cells).
 MONTH_SETS: tuple[tuple[str, ...], ...] = (
-    ("account_id", "touchpoint", "channel"),
+    ("account_id", "touchpoint"),
+    ("account_id", "channel"),
     ("account_id", "team"),
+    ("account_id", "agent"),
+    ("account_id", "touchpoint", "channel"),
 )
 # Every grouping set each grain keeps.
 GRAIN_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -757,6 +766,49 @@ class CellQuery:
 CellGroup = tuple[str, date | None, tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class KeyRange:
+    """Which groups of a read, by their position in a report's order (survey, period start,
+    segment values, compared by the database): after ``start`` (from it, with ``from_start``)
+    up to ``end`` inclusive, the first ``limit`` of them. None: unbounded."""
+
+    start: CellGroup | None = None
+    from_start: bool = False
+    end: CellGroup | None = None
+    limit: int | None = None
+
+
+EVERY = KeyRange()
+
+
+def _flat(group: CellGroup) -> list[Any]:
+    """A group's key values as a read selects them (no period start for ``none``)."""
+    survey, start, segments = group
+    return [survey, *([] if start is None else [start]), *segments]
+
+
+OPERATORS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
+
+
+def _in_range(
+    keys: list[Any], r: KeyRange, position: Callable[[CellGroup], list[Any]] = _flat
+) -> list[ColumnElement[bool]]:
+    """The rows whose ``keys`` (row values, compared as one) fall in ``r``; ``position`` the
+    values of a group's keys. Before grouping: a row's keys are its group's."""
+    bounds = []
+    if r.start is not None:
+        bounds.append((r.start, ">=" if r.from_start else ">"))
+    if r.end is not None:
+        bounds.append((r.end, "<="))
+    out = []
+    for group, op in bounds:
+        values = [
+            bindparam(None, v, type_=k.type) for k, v in zip(keys, position(group), strict=True)
+        ]
+        out.append(OPERATORS[op](tuple_(*keys), tuple_(*values)))
+    return out
+
+
 def period_start(session: AsyncSession, day: Any, period: str) -> Any:
     """The first day of the day's period in SQL: the day itself, its ISO week's Monday, or the
     first of its month; None for ``none``. ``day`` is a DATE column."""
@@ -874,17 +926,24 @@ def uses_rollups(q: CellQuery) -> bool:
 
 
 def _rollup_query(
-    session: AsyncSession, model: type[ScoreRollup] | type[DeliveryRollup], q: CellQuery
-) -> tuple[list[Any], list[ColumnElement[bool]]]:
+    session: AsyncSession,
+    model: type[ScoreRollup] | type[DeliveryRollup],
+    q: CellQuery,
+    r: KeyRange = EVERY,
+) -> tuple[list[Any], list[ColumnElement[bool]], bool]:
     """The group keys and the filter of a read of the roll-ups, laid out like the cells'
-    (survey, period start, segment values)."""
+    (survey, period start, segment values), the rows of groups in ``r``; and whether every row
+    is a group of its own (the set's segments are the requested ones and the period's buckets
+    the roll-ups': by month over whole months, or by day), read in the order of the primary
+    key: then a page of groups is a range of the index."""
     grouping = rollup_set(q)
     if grouping is None:
         raise ValueError(f"no roll-up groups by {', '.join(q.segments)}")
     ranges = rollup_ranges(q)
+    grains = {grain for grain, _, _ in ranges}
+    aligned = q.period == "day" or (q.period == "month" and grains == {"month"})
     keys: list[Any] = [model.survey_id]
     if q.period != "none":
-        aligned = q.period == "day" or all(grain == "month" for grain, _, _ in ranges)
         bucket = model.bucket if aligned else period_start(session, model.bucket, q.period)
         keys.append(bucket.label("period_start"))
     keys.extend(getattr(model, column) for column in q.segments)
@@ -900,8 +959,30 @@ def _rollup_query(
         model.survey_id.in_(q.surveys),
         model.dim == ",".join(grouping),
         or_(*spans) if len(spans) > 1 else spans[0],
+        # "" in every segment the set sums over (true of every row of the set): the planner
+        # then reads the primary key as ordered by the set's segments.
+        *(getattr(model, c) == "" for c in SEGMENTS if c not in grouping),
     ]
-    return keys, where
+    unique = aligned and set(grouping) == set(q.segments)
+    if unique:
+        # The range as one row value over the primary key's columns from the bucket on (the
+        # survey, grain and set are the same in every row read; over several surveys, from the
+        # survey on): the index scan starts at the first group of the page.
+        (grain,) = grains
+        dim = ",".join(grouping)
+        columns: tuple[str, ...] = ("bucket", *SEGMENTS)
+        if len(q.surveys) > 1:
+            columns = ("survey_id", "grain", "dim", *columns)
+
+        def position(group: CellGroup) -> list[Any]:
+            values = dict(zip(q.segments, group[2], strict=True))
+            key = {"survey_id": group[0], "grain": grain, "dim": dim, "bucket": group[1]}
+            return [key[c] if c in key else values.get(c, "") for c in columns]
+
+        where += _in_range([getattr(model, c) for c in columns], r, position)
+    else:
+        where += _in_range(keys, r)
+    return keys, where, unique
 
 
 async def plan_for_reports(session: AsyncSession) -> None:
@@ -925,18 +1006,21 @@ async def _rows(session: AsyncSession, stmt: Any) -> list[Any]:
 _SUMS = (*SCORE_COLUMNS.values(), "bots", "alerted", "contacted", "delivered")
 
 
-def _count_selects(session: AsyncSession, q: CellQuery) -> list[Any]:
-    """Two SELECTs of the same shape (group keys ``k0``…, then a column per name in ``_SUMS``):
-    the answers (a column per score already in the roll-ups; pivoted from the cells) and the
-    deliveries, each 0 in the other's columns."""
+def _count_selects(session: AsyncSession, q: CellQuery, r: KeyRange) -> list[Any]:
+    """Two SELECTs of the same shape (group keys ``k0``…, then a column per name in ``_SUMS``),
+    one row per group in ``r``: the answers (a column per score already in the roll-ups;
+    pivoted from the cells) and the deliveries, each 0 in the other's columns. With a limit,
+    each is the first ``limit`` groups of its table in order: the first ``limit`` groups of
+    both are among them (each has at most ``limit`` - 1 before it in either table)."""
     zero: ColumnElement[int] = literal_column("0", Integer())
     answers: list[Any]
     if uses_rollups(q):
-        keys, where = _rollup_query(session, ScoreRollup, q)
+        keys, where, unique = _rollup_query(session, ScoreRollup, q, r)
         answers = [getattr(ScoreRollup, c) for c in _SUMS[:-1]]
-        dkeys, dwhere = _rollup_query(session, DeliveryRollup, q)
+        dkeys, dwhere, _ = _rollup_query(session, DeliveryRollup, q, r)
         delivered: Any = DeliveryRollup.n
     else:
+        unique = False
         keys, where = _cell_keys(session, ScoreCell, q), _cell_where(ScoreCell, q)
         person = ScoreCell.suspected_bot.is_(False)
         answers = [
@@ -949,10 +1033,16 @@ def _count_selects(session: AsyncSession, q: CellQuery) -> list[Any]:
             ScoreCell.contacted,
         ]
         dkeys, dwhere = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
+        where += _in_range(keys, r)
+        dwhere += _in_range(dkeys, r)
         delivered = DeliveryCell.n
-        # Summed per group first: a group has many cells (every day, every other segment).
+    # Only groups with answers (scored, skipped or bots: alerts are of answers) or deliveries
+    # (a row can have come down to none when its answers moved).
+    anything = ScoreCell.n if not uses_rollups(q) else sum(answers[1:13], answers[0])
+    if not unique:
+        # Summed per group first: a group has many rows (every day, every other segment).
         answers = [func.sum(c) for c in answers]
-        delivered = func.sum(delivered)
+        anything, delivered = func.sum(anything), func.sum(delivered)
     out = [
         select(
             *(k.label(f"k{i}") for i, k in enumerate(keys)),
@@ -965,32 +1055,53 @@ def _count_selects(session: AsyncSession, q: CellQuery) -> list[Any]:
             delivered.label("delivered"),
         ).where(*dwhere),
     ]
-    if not uses_rollups(q):
-        out = [out[0].group_by(*keys), out[1].group_by(*dkeys)]
+    if unique:
+        out = [out[0].where(anything > 0), out[1].where(delivered > 0)]
+    else:
+        out = [
+            out[0].group_by(*keys).having(anything > 0),
+            out[1].group_by(*dkeys).having(delivered > 0),
+        ]
+    if r.limit is not None:
+        # In the order of the keys (on a roll-up read by month or day, that of the index).
+        out = [
+            select(part.order_by(*by).limit(r.limit).subquery())
+            for part, by in ((out[0], keys), (out[1], dkeys))
+        ]
     return out
 
 
-async def cell_sums(session: AsyncSession, q: CellQuery) -> list[tuple[CellGroup, CellSums]]:
+# A group's counts as a read returns them, in the order of ``_SUMS``.
+ReadCounts = tuple[int, ...]
+
+
+async def cell_counts(
+    session: AsyncSession, q: CellQuery, r: KeyRange = EVERY
+) -> list[tuple[CellGroup, ReadCounts]]:
     """Each group's answers by score, alerts and deliveries, summed in SQL into one row per
-    group: from the roll-ups (a column per score already) when a grouping set covers the
-    segments, else from the cells (a column per score value pivoted in SQL); the answers and
-    the deliveries in one statement (``UNION ALL``, then ``GROUP BY`` the group)."""
-    both = union_all(*_count_selects(session, q)).subquery()
+    group, in the order of the groups, those in ``r``: from the roll-ups (a column per score
+    already) when a grouping set covers the segments, else from the cells (a column per score
+    value pivoted in SQL); the answers and the deliveries in one statement (``UNION ALL``, then
+    ``GROUP BY`` the group). The counts stay as read (``sums`` makes them a ``CellSums``): a
+    report scores only the groups of its page."""
+    both = union_all(*_count_selects(session, q, r)).subquery()
     width = 1 + (q.period != "none") + len(q.segments)
     keys = [both.c[f"k{i}"] for i in range(width)]
-    stmt = select(*keys, *(cast(func.sum(both.c[name]), BigInteger) for name in _SUMS)).group_by(
-        *keys
+    stmt = (
+        select(*keys, *(cast(func.sum(both.c[name]), BigInteger) for name in _SUMS))
+        .group_by(*keys)
+        .order_by(*keys)
     )
-    scores = SCORE_VALUES[1:]
-    out = []
-    for row in await _rows(session, stmt):
-        counts: tuple[int, ...] = row[width:]
-        # no_score, score_0 … score_10, bots, alerted, contacted, delivered
-        hist = {s: c for s, c in zip(scores, counts[1:12], strict=True) if c}
-        if hist or counts[0] or counts[12] or counts[15]:
-            sums = CellSums(hist, counts[0], counts[12], counts[13], counts[14], counts[15])
-            out.append((_group(row, q), sums))
-    return out
+    if r.limit is not None:
+        stmt = stmt.limit(r.limit)
+    return [(_group(row, q), tuple(row[width:])) for row in await _rows(session, stmt)]
+
+
+def sums(counts: ReadCounts) -> CellSums:
+    """A group's ``CellSums`` from the counts ``cell_counts`` read: no_score, score_0 …
+    score_10, bots, alerted, contacted, delivered."""
+    hist = {s: c for s, c in enumerate(counts[1:12]) if c}
+    return CellSums(hist, counts[0], counts[12], counts[13], counts[14], counts[15])
 
 
 # percentile_disc(f) is the wait at position ⌈f·n⌉: with f = 0.5 + 1e-9 that is n/2 + 1 for an
@@ -999,7 +1110,7 @@ UPPER_MIDDLE = "0.500000001"
 
 
 async def contact_waits(
-    session: AsyncSession, q: CellQuery
+    session: AsyncSession, q: CellQuery, r: KeyRange = EVERY
 ) -> list[tuple[CellGroup, ContactWaits]]:
     """Each group's contacted alerts and the two middle waits, from ``collector_contact_waits``
     (a row per contacted alert: a few per cent of the answers). On PostgreSQL both middles come
@@ -1008,10 +1119,11 @@ async def contact_waits(
     same one when n is odd; the segments are compared bytewise (``COLLATE "C"``: only equality
     matters). Elsewhere (SQLite) a running count of each group's waits in order: the lower
     middle is the first wait whose running count reaches half the group's (2·upto ≥ total),
-    the upper middle the first that passes it (2·upto > total)."""
+    the upper middle the first that passes it (2·upto > total). Only the groups in ``r``
+    (its limit aside: a page's waits are read for the page's range of groups)."""
     postgres = session.bind is None or session.bind.dialect.name == "postgresql"
     keys = _cell_keys(session, ContactWait, q)
-    where = _cell_where(ContactWait, q)
+    where = _cell_where(ContactWait, q) + _in_range(keys, r)
     if postgres:
         keys = keys[: len(keys) - len(q.segments)] + [
             getattr(ContactWait, column).collate("C") for column in q.segments

@@ -2,19 +2,14 @@
 ``GET /v1/responses.csv`` (the same filters, streamed) and ``PATCH /v1/responses/{id}`` (the
 follow-up of an answer: open, contacted, resolved, with a note).
 
-The cursor is opaque: the position of the last answer of the page (submitted_at, response_id),
-bound to the filters it was made for and signed with a key derived from the API token.
+The cursor is opaque (``cursors.py``): the position of the last answer of the page
+(submitted_at, response_id), bound to the filters it was made for and signed.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
-import hashlib
-import hmac
 import io
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,10 +18,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import alerts, repository
+from services.collector.cursors import Cursors
 from services.collector.models import Response
 from services.collector.repository import ResponseQuery
 from services.common.db import unit_of_work
@@ -172,57 +168,14 @@ def csv_row(r: Response) -> list[str]:
     return [safe_cell(values[c]) for c in CSV_COLUMNS]
 
 
-def cursor_key(token: SecretStr | None) -> bytes:
-    """The key that signs cursors: derived from the API token, so every replica shares it (a
-    new token ends the paging in progress)."""
-    secret = token.get_secret_value() if token is not None else ""
-    return hashlib.sha256(b"kaiku responses cursor\0" + secret.encode()).digest()
+def _last(r: Response) -> list[str]:
+    """A page's position for its cursor: (submitted_at, response_id) of its last answer."""
+    return [r.submitted_at.isoformat(), r.response_id.hex]
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Cursors:
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    @staticmethod
-    def _scope(query: ResponseQuery) -> str:
-        return hashlib.sha256(repr(query).encode()).hexdigest()[:16]
-
-    def _sign(self, data: bytes) -> bytes:
-        return hmac.new(self.key, data, hashlib.sha256).digest()[:16]
-
-    def make(self, query: ResponseQuery, last: Response) -> str:
-        data = json.dumps(
-            [last.submitted_at.isoformat(), last.response_id.hex, self._scope(query)],
-            separators=(",", ":"),
-        ).encode()
-        return f"{_b64(data)}.{_b64(self._sign(data))}"
-
-    def read(self, query: ResponseQuery, cursor: str) -> tuple[datetime, uuid.UUID]:
-        """The position in a cursor; 422 (``cursor``) for a damaged, forged or foreign one."""
-        try:
-            data_part, _, sig_part = cursor.partition(".")
-            data = _unb64(data_part)
-            if not hmac.compare_digest(_unb64(sig_part), self._sign(data)):
-                raise ValueError("signature")
-            at, response_id, scope = json.loads(data)
-            position = (datetime.fromisoformat(at), uuid.UUID(hex=response_id))
-        except (ValueError, TypeError, binascii.Error):
-            raise ApiError(
-                422, "invalid", "not a cursor of this API (or the API token changed)", "cursor"
-            ) from None
-        if scope != self._scope(query):
-            raise ApiError(
-                422, "invalid", "the cursor was made for other filters: keep them", "cursor"
-            )
-        return position
+def _position(values: list[Any]) -> tuple[datetime, uuid.UUID]:
+    at, response_id = values
+    return datetime.fromisoformat(at), uuid.UUID(hex=response_id)
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -309,14 +262,14 @@ def router(
         cursor: str | None = Query(default=None, max_length=500),
         limit: int = Query(default=100, ge=1, le=MAX_LIMIT),
     ) -> ResponsePage:
-        after = cursors.read(query, cursor) if cursor else None
+        after = cursors.read(repr(query), cursor, _position) if cursor else None
         async with unit_of_work(sessions) as session:
             rows = await repository.find_responses(session, query, after=after, limit=limit + 1)
         page = rows[:limit]
         more = len(rows) > limit
         return ResponsePage(
             items=[item(r) for r in page],
-            next_cursor=cursors.make(query, page[-1]) if more else None,
+            next_cursor=cursors.make(repr(query), _last(page[-1])) if more else None,
         )
 
     @api.get(

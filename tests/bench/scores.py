@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from services.collector import api, repository
+from services.collector.cursors import cursor_key
 from services.collector.models import Base
 from services.collector.repository import GRAIN_SETS, ROLLUP_SETS, SEGMENTS, CellQuery
 from services.collector.repository import SCORE_COLUMNS as SCORE_NAMES
@@ -180,10 +181,15 @@ ROLLUPS = (
     ("collector_score_rollups", "collector_score_cells", SCORE_COLUMNS, SCORE_SUMS),
     ("collector_delivery_rollups", "collector_delivery_cells", ["n"], "sum(n)"),
 )
-MONTH_SETS_MIGRATION = "0002_account_month_rollups"
+# The migrations that fill the month-only sets (repository.MONTH_SETS) from the cells.
+MONTH_SETS_MIGRATIONS = ("0002_account_month_rollups", "0003_more_account_month_rollups")
 COUNT_STATEMENTS = (
     repr(GRAIN_SETS),
-    (ROOT / f"services/collector/migrations/versions/{MONTH_SETS_MIGRATION}.py").read_text(),
+    *(
+        (ROOT / f"services/collector/migrations/versions/{name}.py").read_text()
+        for name in MONTH_SETS_MIGRATIONS
+    ),
+    (ROOT / "services/collector/migrations/month_sets.py").read_text(),
     FILL_SCORE_CELLS,
     FILL_CONTACT_WAITS,
     FILL_DELIVERY_CELLS,
@@ -282,9 +288,10 @@ async def fill_counts(engine: AsyncEngine) -> None:
                     )
                 )
             )
-        # The month-only roll-ups of the account with another segment, from the cells: what
-        # the migration that introduced them fills in (repository.MONTH_SETS).
-        await conn.run_sync(run_migration_step, "collector", MONTH_SETS_MIGRATION, "upgrade")
+        # The month-only roll-ups of the account with other segments, from the cells: what
+        # the migrations that introduced them fill in (repository.MONTH_SETS).
+        for name in MONTH_SETS_MIGRATIONS:
+            await conn.run_sync(run_migration_step, "collector", name, "upgrade")
     await vacuum(engine, [t for t in Base.metadata.tables if t != "collector_responses"])
     print(
         f"scores bench: cells and roll-ups filled in {time.perf_counter() - started:.0f} s",
@@ -440,6 +447,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 sessions=sessions,
                 auth=bearer_auth(SecretStr(TOKEN)),
                 min_n=30,
+                cursor_key=cursor_key(SecretStr(TOKEN)),
             )
         )
         tune_gc(HttpSettings().gc_threshold)  # as the collector does once started

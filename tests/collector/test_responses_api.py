@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.collector import responses
+from services.collector import cursors, responses
 from services.collector.models import Base, Response
 from services.common.config import DatabaseSettings
 from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
@@ -98,7 +98,7 @@ async def api(database: DatabaseSettings) -> AsyncIterator[Api]:
         responses.router(
             sessions=sessions,
             auth=bearer_auth(SecretStr(TOKEN)),
-            cursor_key=responses.cursor_key(SecretStr(TOKEN)),
+            cursor_key=cursors.cursor_key(SecretStr(TOKEN)),
             clock=clock,
         )
     )

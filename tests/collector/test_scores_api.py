@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from services.collector import alerting, api, erasure, repository, responses, scoring
+from services.collector import alerting, api, cursors, erasure, repository, responses, scoring
 from services.collector.config import local_day
 from services.collector.models import (
     Base,
@@ -95,13 +95,20 @@ async def stack(database: DatabaseSettings, program: Program) -> AsyncIterator[S
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(
-        api.router(program=program, sessions=sessions, auth=auth, min_n=30, zone=ZONE)
+        api.router(
+            program=program,
+            sessions=sessions,
+            auth=auth,
+            min_n=30,
+            cursor_key=cursors.cursor_key(SecretStr(TOKEN)),
+            zone=ZONE,
+        )
     )
     app.include_router(
         responses.router(
             sessions=sessions,
             auth=auth,
-            cursor_key=responses.cursor_key(SecretStr(TOKEN)),
+            cursor_key=cursors.cursor_key(SecretStr(TOKEN)),
             clock=clock,
         )
     )
@@ -358,15 +365,38 @@ COMBINATIONS = [
     ("none", ["agent", "team"], "2026-01-10", "2026-03-20"),
     ("week", ["channel", "agent"], "2026-02-01", "2026-03-01"),
     ("month", ["channel", "touchpoint"], "2026-01-01", "2026-03-01"),
-    # The account and another segment: by whole months the month roll-ups of the account with
-    # the touchpoint and channel, or with the team; else (and with the agent) the full cells.
+    # The account and other segments: by whole months the month roll-ups of the account with
+    # one other segment, or with the touchpoint and channel; else the full cells.
     ("month", ["account", "team"], "2026-01-01", "2026-04-01"),
     ("month", ["channel", "account"], None, None),
     ("none", ["account", "touchpoint", "channel"], "2026-02-01", "2026-04-01"),
+    ("none", ["account", "channel"], "2026-02-01", "2026-04-01"),
     ("none", ["account", "team"], "2026-01-10", "2026-03-20"),
     ("month", ["agent", "account"], "2026-02-01", "2026-04-01"),
+    ("month", ["account", "touchpoint"], "2026-01-01", None),
+    ("none", ["account", "agent"], "2026-01-10", "2026-03-20"),
+    ("month", ["account", "team", "agent"], "2026-02-01", "2026-04-01"),
     ("day", ["account", "channel", "touchpoint"], "2026-03-01", "2026-03-03"),
 ]
+
+
+async def paged(stack: Stack, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """Every row of a report, page by page (``limit`` rows at most each), as a client reads it:
+    following ``next_cursor`` until it is null."""
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(1000):
+        page = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        r = await stack.http.get("/v1/scores", params=page, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["rows"]) <= limit
+        rows += body["rows"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return rows
+        assert len(body["rows"]) == limit  # only the last page is short
+    raise AssertionError("the pages did not end")
 
 
 async def test_grouped_rows_equal_a_recount_of_the_answers(
@@ -376,20 +406,39 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
     rows = await stored(stack)
     metric = {s.id: s.metric for s in stack.program.surveys}
     target = {s.id: s.target for s in stack.program.surveys}
-    tested = 0
-    for period, group_by, since, until in COMBINATIONS:
+    tested = paged_rows = 0
+    for i, (period, group_by, since, until) in enumerate(COMBINATIONS):
         params: dict[str, Any] = {"period": period, "group_by": ",".join(group_by)}
         if since:
             params["from"] = since
         if until:
             params["to"] = until
-        r = await stack.http.get("/v1/scores", params=params, headers=AUTH)
+        r = await stack.http.get("/v1/scores", params={**params, "limit": 50000}, headers=AUTH)
         assert r.status_code == 200, r.text
         body = r.json()
         label = f"{period} {group_by} {since}..{until}"
         # The documented shape (the OpenAPI schema's), every field of every row, in order.
         api.ScoresOut.model_validate(body)
-        assert list(body) == ["time_zone", "from", "to", "period", "group_by", "min_n", "rows"]
+        assert list(body) == [
+            "time_zone",
+            "from",
+            "to",
+            "period",
+            "group_by",
+            "min_n",
+            "rows",
+            "next_cursor",
+        ]
+        assert body["next_cursor"] is None
+        # Page by page the same rows in the same order: of every survey, or of one (the
+        # reads differ: one survey's pages are ranges of the roll-ups' index).
+        if i % 2:
+            one = stack.program.surveys[i % 3].id
+            alone = [row for row in body["rows"] if row["survey"] == one]
+            assert await paged(stack, {**params, "survey": one}, 7) == alone, label
+        else:
+            assert await paged(stack, params, 29) == body["rows"], label
+        paged_rows += len(body["rows"])
         assert all(list(row) == list(api.ScoreRow.model_fields) for row in body["rows"]), label
         lo, hi = body["from"], body["to"]
         lo_day = date.fromisoformat(lo) if lo else None
@@ -426,6 +475,7 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
             assert row["metric"] == metric[k[0]]
             tested += row["p_value"] is not None
     assert tested > 100  # the changes were compared, not all left out
+    assert paged_rows > 2000  # most reports had many pages
     # The rows are not trivially empty: most answers were counted.
     whole = (await stack.http.get("/v1/scores", headers=AUTH)).json()["rows"]
     assert sum(row["n"] for row in whole) > 1500
@@ -517,14 +567,28 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
     assert sum(want_delivered.values()) > 1000
 
 
+@pytest.mark.parametrize(
+    ("migration", "sets"),
+    [
+        (
+            "0002_account_month_rollups",
+            [("account_id", "touchpoint", "channel"), ("account_id", "team")],
+        ),
+        (
+            "0003_more_account_month_rollups",
+            [("account_id", "touchpoint"), ("account_id", "channel"), ("account_id", "agent")],
+        ),
+    ],
+)
 async def test_the_upgrade_fills_the_account_month_rollups_as_the_collector_keeps_them(
-    stack: Stack,
+    stack: Stack, migration: str, sets: list[tuple[str, ...]]
 ) -> None:
-    """A collector upgraded from 0001 had no roll-ups of the account with another segment: the
+    """A collector upgraded from the release before had no roll-ups of these sets: the
     migration fills them from the cells, equal to what the collector keeps from then on (the
     rows ``fill`` made through the repository), and its downgrade removes them."""
+    assert set(sets) <= set(repository.MONTH_SETS)
     await fill(stack, 600, seed=5)
-    dims = [",".join(g) for g in repository.MONTH_SETS]
+    dims = [",".join(g) for g in sets]
     tables = (ScoreRollup, DeliveryRollup)
 
     async def snapshot() -> list[set[tuple[Any, ...]]]:
@@ -546,9 +610,7 @@ async def test_the_upgrade_fills_the_account_month_rollups_as_the_collector_keep
     async def run(step: str) -> None:
         async with unit_of_work(stack.sessions) as session:
             connection = await session.connection()
-            await connection.run_sync(
-                run_migration_step, "collector", "0002_account_month_rollups", step
-            )
+            await connection.run_sync(run_migration_step, "collector", migration, step)
 
     await run("downgrade")
     assert await snapshot() == [set(), set()]
@@ -754,9 +816,12 @@ def test_rollup_ranges(
         (("touchpoint", "channel", "team", "agent"), ("touchpoint", "channel", "team", "agent")),
         # The account with another segment: kept by the month alone.
         (("team", "account_id"), ("account_id", "team")),
-        (("account_id", "channel"), ("account_id", "touchpoint", "channel")),
-        (("account_id", "agent"), None),  # the full cells
-        (("account_id", "team", "channel"), None),
+        (("account_id", "channel"), ("account_id", "channel")),
+        (("account_id", "agent"), ("account_id", "agent")),
+        (("touchpoint", "account_id"), ("account_id", "touchpoint")),
+        (("account_id", "touchpoint", "channel"), ("account_id", "touchpoint", "channel")),
+        (("account_id", "team", "channel"), None),  # the full cells
+        (("account_id", "team", "agent"), None),
     ],
 )
 def test_rollup_set(segments: tuple[str, ...], grouping: tuple[str, ...] | None) -> None:
@@ -814,6 +879,31 @@ async def test_a_survey_without_answers_has_an_empty_row(stack: Stack) -> None:
     assert row["target"] == 40
 
 
+async def test_a_scores_cursor_is_signed_and_bound_to_its_report(stack: Stack) -> None:
+    await fill(stack, 300)
+    report = {"survey": "relationship-nps", "period": "month", "group_by": "team"}
+    first = (await stack.http.get("/v1/scores", params={**report, "limit": 2}, headers=AUTH)).json()
+    cursor = first["next_cursor"]
+    assert cursor and len(first["rows"]) == 2
+    # Another report (another grouping, period or range) refuses it; the page size may change.
+    for change in ({"group_by": "agent"}, {"period": "week"}, {"from": "2026-02-01"}):
+        other = await stack.http.get(
+            "/v1/scores", params={**report, **change, "cursor": cursor}, headers=AUTH
+        )
+        assert other.status_code == 422 and other.json()["error"]["field"] == "cursor", change
+    data, _, sig = cursor.partition(".")
+    forged = await stack.http.get(
+        "/v1/scores", params={**report, "cursor": f"{data}.{sig[::-1]}"}, headers=AUTH
+    )
+    assert forged.status_code == 422 and forged.json()["error"]["field"] == "cursor"
+    rest = await stack.http.get(
+        "/v1/scores", params={**report, "cursor": cursor, "limit": 1000}, headers=AUTH
+    )
+    assert rest.status_code == 200 and rest.json()["next_cursor"] is None
+    whole = await stack.http.get("/v1/scores", params=report, headers=AUTH)
+    assert first["rows"] + rest.json()["rows"] == whole.json()["rows"]
+
+
 @pytest.mark.parametrize(
     ("params", "status", "field"),
     [
@@ -829,6 +919,10 @@ async def test_a_survey_without_answers_has_an_empty_row(stack: Stack) -> None:
         ({"metric": "ces+"}, 422, "metric"),
         ({"survey": "relationship-nps", "metric": "csat"}, 422, "metric"),
         ({"survey": "no-such-survey"}, 404, "survey"),
+        ({"limit": "0"}, 422, "limit"),
+        ({"limit": "50001"}, 422, "limit"),
+        ({"cursor": "not-a-cursor"}, 422, "cursor"),
+        ({"cursor": "e30.AAAA"}, 422, "cursor"),
     ],
 )
 async def test_bad_parameters(
@@ -851,7 +945,13 @@ async def test_bearer_token_required(stack: Stack) -> None:
 def test_openapi_documents_the_shape(program: Program) -> None:
     app = FastAPI()
     app.include_router(
-        api.router(program=program, sessions=None, auth=lambda: None, min_n=30)  # type: ignore[arg-type]
+        api.router(
+            program=program,
+            sessions=None,
+            auth=lambda: None,
+            min_n=30,
+            cursor_key=b"",
+        )  # type: ignore[arg-type]
     )
     spec = app.openapi()
     op = spec["paths"]["/v1/scores"]["get"]
@@ -863,9 +963,11 @@ def test_openapi_documents_the_shape(program: Program) -> None:
         "to",
         "period",
         "group_by",
+        "limit",
+        "cursor",
     }
     row = spec["components"]["schemas"]["ScoreRow"]["properties"]
     assert {"p_value", "response_rate", "loop_closure_rate", "median_minutes_to_contact"} <= set(
         row
     )
-    assert "from" in spec["components"]["schemas"]["ScoresOut"]["properties"]
+    assert {"from", "next_cursor"} <= set(spec["components"]["schemas"]["ScoresOut"]["properties"])
