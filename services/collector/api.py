@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -284,6 +284,68 @@ async def score_rows(
     return [ScoreRow(**row) for row in rows]
 
 
+class Page(NamedTuple):
+    """The reads of a page of ``GET /v1/scores``: its groups in order, the group to continue
+    after (None: the last page), and what the cells say of them and of the same groups a period
+    earlier."""
+
+    groups: list[CellGroup]
+    last: CellGroup | None
+    current: _Read
+    previous: _Read
+
+
+async def read_page(
+    session: AsyncSession,
+    surveys: Sequence[Survey],
+    q: CellQuery,
+    zone: ZoneInfo,
+    after: CellGroup | None,
+    limit: int | None,
+) -> Page:
+    """The groups of ``q`` after ``after``, at most ``limit`` (None: all), with their counts and
+    waits, and the same groups' counts a period earlier (for ``none``: over as many days just
+    before ``q.since``)."""
+    await repository.plan_for_reports(session)
+    last = None
+    if q.period == "none" and not q.segments:
+        # A row per survey, also for a survey without answers: all of them, paged here.
+        current = await _read(session, q)
+        groups = sorted({*current.counts, *((s.id, None, ()) for s in surveys)})
+        groups = [g for g in groups if after is None or g > after]
+    else:
+        page = KeyRange(after, limit=None if limit is None else limit + 1)
+        current = await _read(session, q, page)
+        groups = list(current.counts)
+    if limit is not None and len(groups) > limit:
+        groups = groups[:limit]
+        last = groups[-1]
+    previous = _Read()
+    if groups and q.period == "none" and q.since is not None:
+        # The same groups over the days just before, as many.
+        end = q.until or datetime.now(zone).date() + timedelta(days=1)
+        before = CellQuery(q.surveys, q.since - (end - q.since), q.since, "none", q.segments)
+        previous = await _read(session, before, KeyRange(groups[0], True, groups[-1]), waits=False)
+    elif groups and q.period != "none":
+        # The same groups a period earlier: the range of the page, a period back.
+        starts = [g[1] for g in groups if g[1] is not None]
+        first, final = groups[0], groups[-1]
+        before = CellQuery(
+            q.surveys,
+            step(min(starts), q.period, back=True),
+            max(starts),
+            q.period,
+            q.segments,
+        )
+        r = KeyRange(
+            (first[0], step(first[1], q.period, back=True), first[2]),  # type: ignore[arg-type]
+            True,
+            (final[0], step(final[1], q.period, back=True), final[2]),  # type: ignore[arg-type]
+        )
+        previous = await _read(session, before, r, waits=False)
+    return Page(groups, last, current, previous)
+
+
 async def score_row_dicts(
     session: AsyncSession,
     program: Program,
@@ -301,51 +363,17 @@ async def score_row_dicts(
     """The rows of ``GET /v1/scores``: ``surveys`` over days ``since <= day < until`` (widened
     to whole periods), by ``period`` and the ``group_by`` names of ``GROUPS``, each compared
     with the previous period of the same length and group; in the order of their groups
-    (survey, period start, segment values), those after the group ``after``, at most
-    ``limit`` of them; and the group of the last row when more follow (else None). Plain dicts
-    in the shape of ``ScoreRow`` (a page can be thousands: the API serializes them as they
-    are, without building and validating a model per row)."""
+    (survey, period start, segment values in the order of ``repository.SEGMENTS``), those
+    after the group ``after``, at most ``limit`` of them; and the group of the last row when
+    more follow (else None). Plain dicts in the shape of ``ScoreRow`` (a page can be
+    thousands: the API serializes them as they are, without building and validating a model
+    per row)."""
     since, until = widen(since, until, period)
     names = list(group_by)
-    await repository.plan_for_reports(session)
     # The segments in the order of the roll-ups' key (the order of the rows).
     segments = tuple(c for c in repository.SEGMENTS if c in {GROUPS[n] for n in names})
     q = CellQuery(tuple(s.id for s in surveys), since, until, period, segments)
-    last = None
-    if period == "none" and not names:
-        # A row per survey, also for a survey without answers: all of them, paged here.
-        current = await _read(session, q)
-        groups = sorted({*current.counts, *((s.id, None, ()) for s in surveys)})
-        groups = [g for g in groups if after is None or g > after]
-        if limit is not None and len(groups) > limit:
-            groups = groups[:limit]
-            last = groups[-1]
-    else:
-        page = KeyRange(after, limit=None if limit is None else limit + 1)
-        current = await _read(session, q, page)
-        groups = list(current.counts)
-        if limit is not None and len(groups) > limit:
-            groups = groups[:limit]
-            last = groups[-1]
-    previous = _Read()
-    if groups and period == "none" and since is not None:
-        # The same groups over the days just before, as many.
-        end = until or datetime.now(zone).date() + timedelta(days=1)
-        before = CellQuery(q.surveys, since - (end - since), since, "none", segments)
-        previous = await _read(session, before, KeyRange(groups[0], True, groups[-1]), waits=False)
-    elif groups and period != "none":
-        # The same groups a period earlier: the range of the page, a period back.
-        starts = [g[1] for g in groups if g[1] is not None]
-        before = CellQuery(
-            q.surveys, step(min(starts), period, back=True), max(starts), period, segments
-        )
-        first, final = groups[0], groups[-1]
-        r = KeyRange(
-            (first[0], step(first[1], period, back=True), first[2]),  # type: ignore[arg-type]
-            True,
-            (final[0], step(final[1], period, back=True), final[2]),  # type: ignore[arg-type]
-        )
-        previous = await _read(session, before, r, waits=False)
+    page = await read_page(session, surveys, q, zone, after, limit)
     by_id = {s.id: s for s in surveys}
     back: dict[date, date] = {}  # each period start's previous one
     # Each segment-value combination's "group" object, made once (an account has a row a month).
@@ -353,7 +381,7 @@ async def score_row_dicts(
     rows = []
     where = [segments.index(GROUPS[name]) for name in names]  # each name's value in a group
     # (survey, period start, segment values): every period start a date, or every one None.
-    for group in groups:
+    for group in page.groups:
         start = group[1]
         if start is None:
             before_key = group
@@ -368,8 +396,8 @@ async def score_row_dicts(
             label = labels[group[2]] = {
                 name: values[i] or None for name, i in zip(names, where, strict=True)
             }
-        rows.append(_row(survey, label, group, current, before_key, previous, min_n))
-    return rows, last
+        rows.append(_row(survey, label, group, page.current, before_key, page.previous, min_n))
+    return rows, page.last
 
 
 def _scope(

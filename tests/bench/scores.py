@@ -6,17 +6,20 @@ A fresh PostgreSQL schema is filled with ``KAIKU_BENCH_SCORE_ANSWERS`` answers (
 5% skipped scores, 1% suspected bots, 5% alerted (60% of them contacted, up to three days
 later). The score and delivery cells, the contact waits and the roll-ups are then filled by
 ``INSERT ... SELECT ... GROUP BY``, equal to what the repository keeps with every answer. The
-plans of the reads of a few requests (month by account, by team and agent, and June by account
-and channel: the roll-ups; June by account and agent: the cells) are printed by ``EXPLAIN
-ANALYZE``. Each figure is the median of a few runs after a warm-up:
+plans of the reads of a first page of a few requests (month by account, by team and agent,
+June by account and channel and by account and agent: the roll-ups; June by account, team and
+agent: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the median of a few runs
+after a warm-up:
 
-- the whole ``/v1/scores`` request (through the ASGI app, with scoring and the comparison with
-  the previous period) for one survey over the year: by month and team, agent or account, the
-  database reads of the account one alone, without a period (partial months at both ends, the
-  whole year), by day and team over June, by month, team and agent, June by account and
-  channel and June by account and team (the month roll-ups of the account with the
-  touchpoint and channel, and with the team), and June by account and agent (the full cells:
-  no roll-up keeps those, and the groups out are about as many as the answers);
+- a ``/v1/scores`` request (through the ASGI app, with scoring and the comparison with the
+  previous period; the first page, of at most 5,000 rows, the default ``limit``) for one
+  survey over the year: by month and team, agent or account, the database reads of the
+  account's page alone, without a period (partial months at both ends, the whole year), by day
+  and team over June, by month, team and agent; June by account and channel, by account and
+  team and by account and agent (the month roll-ups of the account with one other segment);
+  June by account, team and agent (the full cells: no roll-up keeps those);
+- for the reports of more than a page, every page of it, following ``next_cursor`` as a client
+  does (the time to read the whole report);
 - the same grouping computed from the answers instead of the cells, for contrast;
 - the baseline: ``SELECT count(*) FROM collector_responses``, in the same run.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import os
 import statistics
 import time
@@ -42,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import yaml
@@ -52,7 +57,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from services.collector import api, repository
+from services.collector import api
 from services.collector.cursors import cursor_key
 from services.collector.models import Base
 from services.collector.repository import GRAIN_SETS, ROLLUP_SETS, SEGMENTS, CellQuery
@@ -76,6 +81,8 @@ TOKEN = "bench-token"
 # with the server's settings).
 FILL_WORK_MEM = "256MB"
 RUNS = 5
+UTC = ZoneInfo("UTC")
+SURVEY = "relationship-nps"  # the survey every figure reads
 
 # (name, value, unit, baseline, baseline unit): a Figure in tests/bench/__main__.py.
 Result = tuple[str, float, str, float, str]
@@ -407,7 +414,8 @@ async def prepare(admin: AsyncEngine, engine: AsyncEngine, schema: str, answers:
 
 
 async def plans(engine: AsyncEngine, sessions: Any, q: CellQuery) -> None:
-    """The plan of every statement one read of ``q`` makes (``api._read``), by EXPLAIN ANALYZE."""
+    """The plan of every statement the reads of the first page of ``q`` make
+    (``api.read_page``), by EXPLAIN ANALYZE."""
     statements: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
@@ -416,7 +424,8 @@ async def plans(engine: AsyncEngine, sessions: Any, q: CellQuery) -> None:
     event.listen(engine.sync_engine, "before_cursor_execute", capture)
     try:
         async with sessions() as session:
-            await api._read(session, q)
+            surveys = [program().survey(SURVEY)]
+            await api.read_page(session, surveys, q, UTC, None, api.DEFAULT_LIMIT)
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
     label = f"{q.period} by {'+'.join(q.segments) or 'nothing'}"
@@ -460,8 +469,14 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 await conn.execute(text("SELECT count(*) FROM collector_responses"))
 
         def scores(
-            group: str, period: str = "month", since: str = "2025-01-01", until: str = "2026-01-01"
+            group: str,
+            period: str = "month",
+            since: str = "2025-01-01",
+            until: str = "2026-01-01",
+            *,
+            every_page: bool = False,
         ) -> Callable[[], Awaitable[None]]:
+            """The first page of a report, or (``every_page``) all of them in turn."""
             params = {
                 "survey": "relationship-nps",
                 "from": since,
@@ -469,20 +484,29 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 "period": period,
                 "group_by": group,
             }
-
+            auth = {"Authorization": f"Bearer {TOKEN}"}
             checked = False
 
             async def run() -> None:
-                # Timed to the last byte of the answer; its JSON is parsed once (the warm-up),
-                # outside the timed runs: parsing 12 MB is the client's time, not the server's.
+                # Timed to the last byte of the last page; the JSON is parsed outside the timed
+                # runs (parsing megabytes is the client's time, not the server's), but for the
+                # cursor of the next page: the last field of the answer.
                 nonlocal checked
-                r = await http.get(
-                    "/v1/scores", params=params, headers={"Authorization": f"Bearer {TOKEN}"}
-                )
-                assert r.status_code == 200, r.text
-                if not checked:
-                    assert r.json()["rows"], "no rows"
-                    checked = True
+                cursor = None
+                pages = 0
+                while True:
+                    page = {**params, **({"cursor": cursor} if cursor else {})}
+                    r = await http.get("/v1/scores", params=page, headers=auth)
+                    assert r.status_code == 200, r.text
+                    if not checked:
+                        assert r.json()["rows"], "no rows"
+                        checked = True
+                    pages += 1
+                    tail = r.content[r.content.rindex(b'"next_cursor":') :]
+                    cursor = json.loads(tail[len(b'"next_cursor":') : -1])
+                    if cursor is None or not every_page:
+                        break
+                assert pages > 1 or not every_page, "the report is one page"
 
             return run
 
@@ -494,32 +518,42 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             return run
 
         def reads(group: str) -> Callable[[], Awaitable[None]]:
-            """The request's database reads alone (score, alert and delivery sums, the waits)."""
+            """The database reads of a report's first page alone (the page's score, alert and
+            delivery sums, the same groups a period earlier, the page's waits)."""
             q = CellQuery(
                 ("relationship-nps",),
-                date(2024, 12, 1),
+                date(2025, 1, 1),
                 date(2026, 1, 1),
                 "month",
                 (api.GROUPS[group],),
             )
 
+            surveys = [program().survey(SURVEY)]
+
             async def run() -> None:
                 async with sessions() as session:
-                    await repository.plan_for_reports(session)  # as the request does
-                    await api._read(session, q)
+                    await api.read_page(session, surveys, q, UTC, None, api.DEFAULT_LIMIT)
 
             return run
 
         for segments in (("account_id",), ("team", "agent")):
             year = CellQuery(
-                ("relationship-nps",), date(2024, 12, 1), date(2026, 1, 1), "month", segments
+                ("relationship-nps",), date(2025, 1, 1), date(2026, 1, 1), "month", segments
             )
             await plans(engine, sessions, year)
-        for segments in (("account_id", "channel"), ("account_id", "agent")):
-            june = CellQuery(  # and May, to compare with
-                ("relationship-nps",), date(2025, 5, 1), date(2025, 7, 1), "month", segments
+        for segments in (("channel", "account_id"), ("agent", "account_id")):
+            june = CellQuery(
+                ("relationship-nps",), date(2025, 6, 1), date(2025, 7, 1), "month", segments
             )
             await plans(engine, sessions, june)
+        cells = CellQuery(
+            ("relationship-nps",),
+            date(2025, 6, 1),
+            date(2025, 7, 1),
+            "month",
+            ("team", "agent", "account_id"),
+        )
+        await plans(engine, sessions, cells)
 
         size = f"{answers / 1e6:g}M"
         baseline = await timed(count)
@@ -530,18 +564,26 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             if echo:
                 print(line(results[-1]), flush=True)
 
+        # One page each (the first, of at most 5,000 rows); for the reports of more than a page
+        # also every page in turn (_every_page).
         for group in ("team", "agent", "account"):
             add(f"month_by_{group}", await timed(scores(group)))
         add("month_by_account_reads_only", await timed(reads("account")))
+        add("month_by_account_every_page", await timed(scores("account", every_page=True)))
         add("none_partial_months", await timed(scores("", "none", "2025-01-15", "2025-12-15")))
         add("none_one_year", await timed(scores("", "none")))
         add("day_by_team_one_month", await timed(scores("team", "day", "2025-06-01", "2025-07-01")))
         add("month_by_team_agent", await timed(scores("team,agent")))
-        june = ("month", "2025-06-01", "2025-07-01")
-        add("june_by_account_channel", await timed(scores("account,channel", *june)))
-        add("june_by_account_team", await timed(scores("account,team", *june)))
-        # No roll-up: the full cells, and about as many groups out as answers in (contrast).
-        add("june_by_account_agent_cells", await timed(scores("account,agent", *june), runs=1))
+        in_june = ("month", "2025-06-01", "2025-07-01")
+        for pair in ("channel", "team", "agent"):
+            add(f"june_by_account_{pair}", await timed(scores(f"account,{pair}", *in_june)))
+            every = scores(f"account,{pair}", *in_june, every_page=True)
+            add(f"june_by_account_{pair}_every_page", await timed(every, runs=3))
+        # No roll-up: the full cells (about as many cells as answers), for contrast.
+        add(
+            "june_by_account_team_agent_cells",
+            await timed(scores("account,team,agent", *in_june), runs=1),
+        )
         add("month_by_team_from_answers", await timed(from_answers("team"), runs=3))
         add("count_again", await timed(count))
         await http.aclose()
