@@ -22,7 +22,9 @@ from pydantic import SecretStr
 from services.common.http import ApiError
 
 T = TypeVar("T")
-MAX_CURSOR = 2000  # characters: a scores cursor carries up to five segment values
+# Characters: a scores cursor carries up to five segment values of up to 200 characters (as
+# UTF-8, base64: at most 5 * 800 * 4/3 plus the rest).
+MAX_CURSOR = 8000
 
 
 def cursor_key(token: SecretStr | None) -> bytes:
@@ -52,7 +54,8 @@ class Cursors:
 
     def make(self, scope: str, position: list[Any]) -> str:
         """The cursor after ``position`` (JSON values) for requests of ``scope``."""
-        data = json.dumps([*position, self._scope(scope)], separators=(",", ":")).encode()
+        made = [*position, self._scope(scope)]
+        data = json.dumps(made, separators=(",", ":"), ensure_ascii=False).encode()
         return f"{_b64(data)}.{_b64(self._sign(data))}"
 
     def read(self, scope: str, cursor: str, parse: Callable[[list[Any]], T]) -> T:
