@@ -980,6 +980,19 @@ def _rollup_query(
             return [key[c] if c in key else values.get(c, "") for c in columns]
 
         where += _in_range([getattr(model, c) for c in columns], r, position)
+        if r.start is not None and r.end is not None and r.start[:2] == r.end[:2] and grouping:
+            # PostgreSQL (15) ends an index scan at a row value's bound only where its first
+            # column decides: within one survey and bucket, bound the set's first segment in
+            # the key's order too, so the scan ends with the range, not with the bucket.
+            leading = next(c for c in SEGMENTS if c in grouping)
+            i = q.segments.index(leading)
+            column = getattr(model, leading)
+            where += [
+                model.survey_id == r.start[0],
+                model.bucket == r.start[1],
+                column >= r.start[2][i],
+                column <= r.end[2][i],
+            ]
     else:
         where += _in_range(keys, r)
     return keys, where, unique

@@ -419,7 +419,8 @@ async def plans(engine: AsyncEngine, sessions: Any, q: CellQuery) -> None:
     statements: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
+        if not statement.startswith("SET "):  # the report's SET LOCAL jit = off
+            statements.append((statement, parameters))
 
     event.listen(engine.sync_engine, "before_cursor_execute", capture)
     try:
