@@ -141,6 +141,20 @@ def step(start: date, period: str, back: bool = False) -> date:
     return (start + timedelta(days=32)).replace(day=1)
 
 
+def _earlier(group: CellGroup, period: str) -> CellGroup:
+    """The same group a period earlier (itself for ``none``: its earlier read is of other
+    days)."""
+    survey, start, segments = group
+    return group if start is None else (survey, step(start, period, back=True), segments)
+
+
+def _span(groups: Sequence[CellGroup], period: str) -> tuple[date, date]:
+    """The days of the periods of ``groups`` (of a period other than ``none``): from the first
+    one's start to the end of the last."""
+    starts = [start for _, start, _ in groups if start is not None]
+    return min(starts), step(max(starts), period)
+
+
 def _surveys(program: Program, ids: list[str], metric: str | None) -> list[Survey]:
     if not ids:
         chosen = [s for s in program.surveys if metric is None or s.metric == metric]
@@ -198,8 +212,8 @@ async def _read(
     if waits and read.counts:
         first, last = next(iter(read.counts)), next(reversed(read.counts))
         if q.period != "none":  # the days of the page's periods only
-            starts = [g[1] for g in read.counts if g[1] is not None]
-            q = replace(q, since=min(starts), until=step(max(starts), q.period))
+            since, until = _span(list(read.counts), q.period)
+            q = replace(q, since=since, until=until)
         for group, found in await repository.contact_waits(session, q, KeyRange(first, True, last)):
             # The exact median: the mean of the two middle waits (one when the count is odd).
             read.medians[group] = (_minutes(found.lower_us) + _minutes(found.upper_us)) / 2
@@ -328,20 +342,15 @@ async def read_page(
         previous = await _read(session, before, KeyRange(groups[0], True, groups[-1]), waits=False)
     elif groups and q.period != "none":
         # The same groups a period earlier: the range of the page, a period back.
-        starts = [g[1] for g in groups if g[1] is not None]
-        first, final = groups[0], groups[-1]
+        since, until = _span(groups, q.period)
         before = CellQuery(
             q.surveys,
-            step(min(starts), q.period, back=True),
-            max(starts),
+            step(since, q.period, back=True),
+            step(until, q.period, back=True),
             q.period,
             q.segments,
         )
-        r = KeyRange(
-            (first[0], step(first[1], q.period, back=True), first[2]),  # type: ignore[arg-type]
-            True,
-            (final[0], step(final[1], q.period, back=True), final[2]),  # type: ignore[arg-type]
-        )
+        r = KeyRange(_earlier(groups[0], q.period), True, _earlier(groups[-1], q.period))
         previous = await _read(session, before, r, waits=False)
     return Page(groups, last, current, previous)
 
@@ -375,28 +384,20 @@ async def score_row_dicts(
     q = CellQuery(tuple(s.id for s in surveys), since, until, period, segments)
     page = await read_page(session, surveys, q, zone, after, limit)
     by_id = {s.id: s for s in surveys}
-    back: dict[date, date] = {}  # each period start's previous one
     # Each segment-value combination's "group" object, made once (an account has a row a month).
     labels: dict[tuple[str, ...], dict[str, str | None]] = {}
+    places = [segments.index(GROUPS[name]) for name in names]  # each name's value in a group
     rows = []
-    where = [segments.index(GROUPS[name]) for name in names]  # each name's value in a group
-    # (survey, period start, segment values): every period start a date, or every one None.
     for group in page.groups:
-        start = group[1]
-        if start is None:
-            before_key = group
-        else:
-            if start not in back:
-                back[start] = step(start, period, back=True)
-            before_key = (group[0], back[start], group[2])
         survey = by_id[group[0]]
         label = labels.get(group[2])
         if label is None:
             values = group[2]
             label = labels[group[2]] = {
-                name: values[i] or None for name, i in zip(names, where, strict=True)
+                name: values[i] or None for name, i in zip(names, places, strict=True)
             }
-        rows.append(_row(survey, label, group, page.current, before_key, page.previous, min_n))
+        before = _earlier(group, period)
+        rows.append(_row(survey, label, group, page.current, before, page.previous, min_n))
     return rows, page.last
 
 

@@ -46,7 +46,7 @@ class Cursors:
         self.key = key
 
     @staticmethod
-    def _scope(scope: str) -> str:
+    def _digest(scope: str) -> str:
         return hashlib.sha256(scope.encode()).hexdigest()[:16]
 
     def _sign(self, data: bytes) -> bytes:
@@ -54,7 +54,7 @@ class Cursors:
 
     def make(self, scope: str, position: list[Any]) -> str:
         """The cursor after ``position`` (JSON values) for requests of ``scope``."""
-        made = [*position, self._scope(scope)]
+        made = [*position, self._digest(scope)]
         data = json.dumps(made, separators=(",", ":"), ensure_ascii=False).encode()
         return f"{_b64(data)}.{_b64(self._sign(data))}"
 
@@ -72,7 +72,7 @@ class Cursors:
             raise ApiError(
                 422, "invalid", "not a cursor of this API (or the API token changed)", "cursor"
             ) from None
-        if made_for != self._scope(scope):
+        if made_for != self._digest(scope):
             raise ApiError(
                 422, "invalid", "the cursor was made for other filters: keep them", "cursor"
             )

@@ -1030,6 +1030,9 @@ def _count_selects(session: AsyncSession, q: CellQuery, r: KeyRange) -> list[Any
     if uses_rollups(q):
         keys, where, unique = _rollup_query(session, ScoreRollup, q, r)
         answers = [getattr(ScoreRollup, c) for c in _SUMS[:-1]]
+        # Groups with answers (scored, skipped or bots: alerts are of answers); a row can have
+        # come down to none when its answers moved.
+        anything: Any = sum(answers[1:13], answers[0])
         dkeys, dwhere, _ = _rollup_query(session, DeliveryRollup, q, r)
         delivered: Any = DeliveryRollup.n
     else:
@@ -1045,13 +1048,11 @@ def _count_selects(session: AsyncSession, q: CellQuery, r: KeyRange) -> list[Any
             ScoreCell.alerted,
             ScoreCell.contacted,
         ]
+        anything = ScoreCell.n
         dkeys, dwhere = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
         where += _in_range(keys, r)
         dwhere += _in_range(dkeys, r)
         delivered = DeliveryCell.n
-    # Only groups with answers (scored, skipped or bots: alerts are of answers) or deliveries
-    # (a row can have come down to none when its answers moved).
-    anything = ScoreCell.n if not uses_rollups(q) else sum(answers[1:13], answers[0])
     if not unique:
         # Summed per group first: a group has many rows (every day, every other segment).
         answers = [func.sum(c) for c in answers]

@@ -479,7 +479,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         ) -> Callable[[], Awaitable[None]]:
             """The first page of a report, or (``every_page``) all of them in turn."""
             params = {
-                "survey": "relationship-nps",
+                "survey": SURVEY,
                 "from": since,
                 "to": until,
                 "period": period,
@@ -522,7 +522,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             """The database reads of a report's first page alone (the page's score, alert and
             delivery sums, the same groups a period earlier, the page's waits)."""
             q = CellQuery(
-                ("relationship-nps",),
+                (SURVEY,),
                 date(2025, 1, 1),
                 date(2026, 1, 1),
                 "month",
@@ -538,17 +538,13 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             return run
 
         for segments in (("account_id",), ("team", "agent")):
-            year = CellQuery(
-                ("relationship-nps",), date(2025, 1, 1), date(2026, 1, 1), "month", segments
-            )
+            year = CellQuery((SURVEY,), date(2025, 1, 1), date(2026, 1, 1), "month", segments)
             await plans(engine, sessions, year)
         for segments in (("channel", "account_id"), ("agent", "account_id")):
-            june = CellQuery(
-                ("relationship-nps",), date(2025, 6, 1), date(2025, 7, 1), "month", segments
-            )
+            june = CellQuery((SURVEY,), date(2025, 6, 1), date(2025, 7, 1), "month", segments)
             await plans(engine, sessions, june)
         cells = CellQuery(
-            ("relationship-nps",),
+            (SURVEY,),
             date(2025, 6, 1),
             date(2025, 7, 1),
             "month",
