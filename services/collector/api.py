@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector import repository, scoring
 from services.collector.cursors import MAX_CURSOR, Cursors
-from services.collector.repository import CellGroup, CellQuery, CellSums, KeyRange
+from services.collector.repository import CellGroup, CellQuery, CellSums, KeyRange, floor, step
 from services.common.db import unit_of_work
 from services.common.events import Metric
 from services.common.http import ApiError, error_responses
@@ -120,25 +120,6 @@ def _split(values: Sequence[str] | None) -> list[str]:
             if part.strip() and part.strip() not in out:
                 out.append(part.strip())
     return out
-
-
-def floor(day: date, period: str) -> date:
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return day
-
-
-def step(start: date, period: str, back: bool = False) -> date:
-    """The start of the next (or, ``back``, the previous) period."""
-    if period == "day":
-        return start + timedelta(days=-1 if back else 1)
-    if period == "week":
-        return start + timedelta(days=-7 if back else 7)
-    if back:
-        return (start - timedelta(days=1)).replace(day=1)
-    return (start + timedelta(days=32)).replace(day=1)
 
 
 def _earlier(group: CellGroup, period: str) -> CellGroup:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import uuid
 from collections import defaultdict
@@ -826,6 +827,26 @@ def period_start(session: AsyncSession, day: Any, period: str) -> Any:
     return type_coerce(func.date(day, *(literal_column(m) for m in modifiers)), Date)
 
 
+def floor(day: date, period: str) -> date:
+    """The first day of the day's period (``day``, ``week`` or ``month``)."""
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return day
+
+
+def step(start: date, period: str, back: bool = False) -> date:
+    """The start of the next (or, ``back``, the previous) period."""
+    if period == "day":
+        return start + timedelta(days=-1 if back else 1)
+    if period == "week":
+        return start + timedelta(days=-7 if back else 7)
+    if back:
+        return (start - timedelta(days=1)).replace(day=1)
+    return (start + timedelta(days=32)).replace(day=1)
+
+
 def _cell_keys(session: AsyncSession, model: Any, q: CellQuery) -> list[Any]:
     for column in q.segments:
         if column not in SEGMENTS:
@@ -925,6 +946,20 @@ def uses_rollups(q: CellQuery) -> bool:
     return rollup_set(q) is not None
 
 
+def _aligned(q: CellQuery) -> bool:
+    """Whether the roll-ups' buckets are the period's: by day, or by month over whole months."""
+    grains = {grain for grain, _, _ in rollup_ranges(q)}
+    return q.period == "day" or (q.period == "month" and grains == {"month"})
+
+
+def in_index_order(q: CellQuery) -> bool:
+    """Whether every roll-up row ``q`` reads is a group of its own (a grouping set of exactly
+    the requested segments, the period's buckets): its groups are then read in the order of the
+    roll-ups' primary key, and a page of them is a range of the index."""
+    grouping = rollup_set(q)
+    return grouping is not None and _aligned(q) and set(grouping) == set(q.segments)
+
+
 def _rollup_query(
     session: AsyncSession,
     model: type[ScoreRollup] | type[DeliveryRollup],
@@ -941,7 +976,7 @@ def _rollup_query(
         raise ValueError(f"no roll-up groups by {', '.join(q.segments)}")
     ranges = rollup_ranges(q)
     grains = {grain for grain, _, _ in ranges}
-    aligned = q.period == "day" or (q.period == "month" and grains == {"month"})
+    aligned = _aligned(q)
     keys: list[Any] = [model.survey_id]
     if q.period != "none":
         bucket = model.bucket if aligned else period_start(session, model.bucket, q.period)
@@ -963,7 +998,7 @@ def _rollup_query(
         # then reads the primary key as ordered by the set's segments.
         *(getattr(model, c) == "" for c in SEGMENTS if c not in grouping),
     ]
-    unique = aligned and set(grouping) == set(q.segments)
+    unique = in_index_order(q)
     if unique:
         # The range as one row value over the primary key's columns from the bucket on (the
         # survey, grain and set are the same in every row read; over several surveys, from the
@@ -1019,15 +1054,40 @@ async def _rows(session: AsyncSession, stmt: Any) -> list[Any]:
 _SUMS = (*SCORE_COLUMNS.values(), "bots", "alerted", "contacted", "delivered")
 
 
+def sources(q: CellQuery) -> list[tuple[CellQuery, bool]]:
+    """Where ``q``'s days are read, each part with whether from the roll-ups: all of them from
+    the roll-ups when a grouping set covers the segments at every grain read; else, when a
+    month set covers them (the account and one other segment), the whole months from the month
+    roll-ups and the days around them from the cells; else all from the cells."""
+    if uses_rollups(q):
+        return [(q, True)]
+    ranges = rollup_ranges(q)
+    months = any(grain == "month" for grain, _, _ in ranges)
+    if not months or not any(set(q.segments) <= set(g) for g in MONTH_SETS):
+        return [(q, False)]
+    return [
+        (CellQuery(q.surveys, first, end, q.period, q.segments), grain == "month")
+        for grain, first, end in ranges
+    ]
+
+
 def _count_selects(session: AsyncSession, q: CellQuery, r: KeyRange) -> list[Any]:
-    """Two SELECTs of the same shape (group keys ``k0``…, then a column per name in ``_SUMS``),
-    one row per group in ``r``: the answers (a column per score already in the roll-ups;
-    pivoted from the cells) and the deliveries, each 0 in the other's columns. With a limit,
-    each is the first ``limit`` groups of its table in order: the first ``limit`` groups of
-    both are among them (each has at most ``limit`` - 1 before it in either table)."""
+    """SELECTs of the same shape (group keys ``k0``…, then a column per name in ``_SUMS``),
+    one row per group in ``r`` each, two per source of ``sources``: the answers (a column per
+    score already in the roll-ups; pivoted from the cells) and the deliveries, each 0 in the
+    other's columns. With a limit, each is the first ``limit`` groups of its table in order:
+    the first ``limit`` groups of all are among them (each has at most ``limit`` - 1 before it
+    in any one)."""
+    return [
+        stmt for part, rollups in sources(q) for stmt in _source_selects(session, part, r, rollups)
+    ]
+
+
+def _source_selects(session: AsyncSession, q: CellQuery, r: KeyRange, rollups: bool) -> list[Any]:
+    """``_count_selects`` of one source: the roll-ups or the cells."""
     zero: ColumnElement[int] = literal_column("0", Integer())
     answers: list[Any]
-    if uses_rollups(q):
+    if rollups:
         keys, where, unique = _rollup_query(session, ScoreRollup, q, r)
         answers = [getattr(ScoreRollup, c) for c in _SUMS[:-1]]
         # Groups with answers (scored, skipped or bots: alerts are of answers); a row can have
@@ -1097,7 +1157,59 @@ async def cell_counts(
     already) when a grouping set covers the segments, else from the cells (a column per score
     value pivoted in SQL); the answers and the deliveries in one statement (``UNION ALL``, then
     ``GROUP BY`` the group). The counts stay as read (``sums`` makes them a ``CellSums``): a
-    report scores only the groups of its page."""
+    report scores only the groups of its page.
+
+    A page (``r.limit``) of a report by period whose groups are sums of several rows (weeks,
+    partial months, the full cells) is read a few periods at a time (``_by_periods``): its
+    groups are in the order of the periods, so the first page does not sum the whole range."""
+    if (
+        r.limit is not None
+        and r.end is None
+        and q.period != "none"
+        and q.since is not None
+        and q.until is not None
+        and not in_index_order(q)
+    ):
+        return await _by_periods(session, q, r)
+    return await _counts(session, q, r)
+
+
+async def _by_periods(
+    session: AsyncSession, q: CellQuery, r: KeyRange
+) -> list[tuple[CellGroup, ReadCounts]]:
+    """``cell_counts`` of a page, survey by survey (the first key of the order) and, within a
+    survey, over windows of whole periods from the page's first period on: one period first,
+    then as many as the groups per period read so far say the rest of the page needs (at most
+    four times the window before), until the page is full or the range read."""
+    assert r.limit is not None and q.since is not None and q.until is not None
+    out: list[tuple[CellGroup, ReadCounts]] = []
+    for survey in sorted(q.surveys):
+        start = r.start if r.start is not None and r.start[0] == survey else None
+        if r.start is not None and survey < r.start[0]:
+            continue
+        since = q.since if start is None or start[1] is None else max(q.since, start[1])
+        width, periods, groups = 1, 0, 0
+        while since < q.until and len(out) < r.limit:
+            until = floor(since, q.period)
+            for _ in range(width):
+                until = step(until, q.period)
+            window = CellQuery((survey,), since, min(until, q.until), q.period, q.segments)
+            found = await _counts(
+                session, window, KeyRange(start, r.from_start, None, r.limit - len(out))
+            )
+            out.extend(found)
+            periods, groups = periods + width, groups + len(found)
+            missing = r.limit - len(out)
+            wanted = math.ceil(missing * periods / groups) if groups else 2 * width
+            width = max(1, min(4 * width, wanted))
+            since, start = until, None
+    return out
+
+
+async def _counts(
+    session: AsyncSession, q: CellQuery, r: KeyRange
+) -> list[tuple[CellGroup, ReadCounts]]:
+    """``cell_counts`` in one statement."""
     both = union_all(*_count_selects(session, q, r)).subquery()
     width = 1 + (q.period != "none") + len(q.segments)
     keys = [both.c[f"k{i}"] for i in range(width)]

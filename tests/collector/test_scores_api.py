@@ -848,6 +848,85 @@ def test_the_account_with_another_segment_is_kept_by_the_month_only(
     assert repository.rollup_set(q) == grouping
 
 
+D = date  # (short: the tables below)
+
+
+@pytest.mark.parametrize(
+    ("period", "since", "until", "segments", "parts"),
+    [
+        # A set covers the segments at every grain read: the roll-ups alone.
+        ("none", D(2026, 1, 10), D(2026, 3, 20), ("team",), [(D(2026, 1, 10), D(2026, 3, 20), 1)]),
+        (
+            "none",
+            D(2026, 1, 1),
+            D(2026, 3, 1),
+            ("account_id", "team"),
+            [(D(2026, 1, 1), D(2026, 3, 1), 1)],
+        ),
+        # The account and another segment over more than whole months: the whole months from
+        # the month roll-ups, the days around them from the cells.
+        (
+            "none",
+            D(2025, 12, 31),
+            D(2026, 4, 1),
+            ("account_id", "team"),
+            [(D(2025, 12, 31), D(2026, 1, 1), 0), (D(2026, 1, 1), D(2026, 4, 1), 1)],
+        ),
+        (
+            "none",
+            D(2026, 1, 10),
+            D(2026, 3, 20),
+            ("agent", "account_id"),
+            [
+                (D(2026, 1, 10), D(2026, 2, 1), 0),
+                (D(2026, 2, 1), D(2026, 3, 1), 1),
+                (D(2026, 3, 1), D(2026, 3, 20), 0),
+            ],
+        ),
+        (
+            "none",
+            None,
+            D(2026, 3, 20),
+            ("account_id", "channel"),
+            [(None, D(2026, 3, 1), 1), (D(2026, 3, 1), D(2026, 3, 20), 0)],
+        ),
+        # No whole month, by week or day, or no set of the segments at all: the cells alone.
+        (
+            "none",
+            D(2026, 1, 10),
+            D(2026, 2, 20),
+            ("account_id", "team"),
+            [(D(2026, 1, 10), D(2026, 2, 20), 0)],
+        ),
+        (
+            "week",
+            D(2026, 1, 5),
+            D(2026, 3, 2),
+            ("account_id", "team"),
+            [(D(2026, 1, 5), D(2026, 3, 2), 0)],
+        ),
+        (
+            "none",
+            D(2026, 1, 10),
+            D(2026, 3, 20),
+            ("team", "agent", "account_id"),
+            [(D(2026, 1, 10), D(2026, 3, 20), 0)],
+        ),
+    ],
+)
+def test_sources_read_whole_months_from_the_rollups_and_the_days_around_them_from_the_cells(
+    period: str,
+    since: date | None,
+    until: date | None,
+    segments: tuple[str, ...],
+    parts: list[tuple[date | None, date | None, int]],
+) -> None:
+    q = repository.CellQuery(("s",), since, until, period, segments)
+    got = repository.sources(q)
+    assert [(p.since, p.until, int(rollups)) for p, rollups in got] == parts
+    assert all((p.surveys, p.period, p.segments) == (q.surveys, period, segments) for p, _ in got)
+
+
 async def test_survey_and_metric_filters(stack: Stack) -> None:
     await fill(stack, 300, seed=3)
     one = await stack.http.get("/v1/scores", params={"survey": "support-csat"}, headers=AUTH)
