@@ -18,6 +18,9 @@ after a warm-up:
   and team over June, by month, team and agent; June by account and channel, by account and
   team and by account and agent (the month roll-ups of the account with one other segment);
   June by account, team and agent (the full cells: no roll-up keeps those);
+- by week over the year by agent and by account (the day roll-ups, a few weeks at a time);
+  the second quarter by account and team without a period (whole months, and a previous
+  period that is not);
 - for the reports of more than a page, every page of it, following ``next_cursor`` as a client
   does (the time to read the whole report);
 - the same grouping computed from the answers instead of the cells, for contrast;
@@ -576,6 +579,14 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             add(f"june_by_account_{pair}", await timed(scores(f"account,{pair}", *in_june)))
             every = scores(f"account,{pair}", *in_june, every_page=True)
             add(f"june_by_account_{pair}_every_page", await timed(every, runs=3))
+        # Weeks sum days: a first page reads a few weeks at a time, not the year.
+        for group in ("agent", "account"):
+            add(f"week_by_{group}", await timed(scores(group, "week")))
+        # A quarter without a period: its months from the month roll-ups of the account and
+        # the team; its previous period (as many days before April) is December 31 from the
+        # cells and January to March from the roll-ups.
+        quarter = ("none", "2025-04-01", "2025-07-01")
+        add("quarter_by_account_team", await timed(scores("account,team", *quarter)))
         # No roll-up: the full cells (about as many cells as answers), for contrast.
         add(
             "june_by_account_team_agent_cells",
