@@ -1179,8 +1179,8 @@ async def _by_periods(
 ) -> list[tuple[CellGroup, ReadCounts]]:
     """``cell_counts`` of a page, survey by survey (the first key of the order) and, within a
     survey, over windows of whole periods from the page's first period on: one period first,
-    then as many as the groups per period read so far say the rest of the page needs (at most
-    four times the window before), until the page is full or the range read."""
+    then as many as the groups per period read so far say the rest of the page needs, until
+    the page is full or the range read."""
     assert r.limit is not None and q.since is not None and q.until is not None
     out: list[tuple[CellGroup, ReadCounts]] = []
     for survey in sorted(q.surveys):
@@ -1193,15 +1193,18 @@ async def _by_periods(
             until = floor(since, q.period)
             for _ in range(width):
                 until = step(until, q.period)
+                if until >= q.until:
+                    break
             window = CellQuery((survey,), since, min(until, q.until), q.period, q.segments)
             found = await _counts(
                 session, window, KeyRange(start, r.from_start, None, r.limit - len(out))
             )
             out.extend(found)
             periods, groups = periods + width, groups + len(found)
+            # As many periods as the rest of the page needs at the groups per period so far,
+            # and a quarter more (one more read if that falls short, the whole rest at most).
             missing = r.limit - len(out)
-            wanted = math.ceil(missing * periods / groups) if groups else 2 * width
-            width = max(1, min(4 * width, wanted))
+            width = math.ceil(1.25 * missing * periods / groups) if groups else 2 * width
             since, start = until, None
     return out
 
