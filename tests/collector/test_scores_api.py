@@ -377,6 +377,10 @@ COMBINATIONS = [
     ("none", ["account", "agent"], "2026-01-10", "2026-03-20"),
     ("month", ["account", "team", "agent"], "2026-02-01", "2026-04-01"),
     ("day", ["account", "channel", "touchpoint"], "2026-03-01", "2026-03-03"),
+    # Ranges that start weeks or months before the first answer: a page's first windows of
+    # periods find nothing (read a few periods at a time, the windows grow).
+    ("week", ["team"], "2025-11-03", "2026-02-02"),
+    ("month", ["account", "team", "agent"], "2025-10-01", "2026-03-01"),
 ]
 
 
@@ -485,6 +489,40 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
     assert sum(row["alerts"] for row in whole) > 100
     assert all(0.3 < row["loop_closure_rate"] < 0.9 for row in whole)
     assert all(row["median_minutes_to_contact"] > 60 for row in whole)
+
+
+@pytest.mark.parametrize(
+    ("period", "since", "until", "segments"),
+    [
+        # Whole months without a period: read month by month (a range of the index each).
+        ("none", date(2026, 1, 1), date(2026, 4, 1), ("team",)),
+        ("none", date(2026, 2, 1), date(2026, 4, 1), ("channel", "account_id")),
+        # Weeks: a page read a few weeks at a time.
+        ("week", date(2025, 12, 29), date(2026, 4, 6), ("agent",)),
+    ],
+)
+async def test_a_range_of_groups_is_the_same_groups_of_the_whole_read(
+    stack: Stack, period: str, since: date, until: date, segments: tuple[str, ...]
+) -> None:
+    """Reads of a range of groups (from and after a group, up to one, the first few: what a
+    page and its previous period read) give those groups of the whole read, summed alike, over
+    every survey."""
+    await fill(stack, 600, seed=5)
+    q = repository.CellQuery(
+        tuple(s.id for s in stack.program.surveys), since, until, period, segments
+    )
+    async with unit_of_work(stack.sessions) as session:
+        whole = await repository.cell_counts(session, q)
+        assert len({g[0] for g, _ in whole}) == 3 and len(whole) >= 12
+        a, b = whole[2][0], whole[-3][0]
+        for r, want in [
+            (repository.KeyRange(a, True, b), whole[2:-2]),
+            (repository.KeyRange(a, False, b), whole[3:-2]),
+            (repository.KeyRange(a, False, None, 7), whole[3:10]),
+            (repository.KeyRange(None, False, None, 4), whole[:4]),
+            (repository.KeyRange(whole[-3][0], False, None, 9), whole[-2:]),
+        ]:
+            assert await repository.cell_counts(session, q, r) == want, r
 
 
 async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -> None:
