@@ -985,17 +985,10 @@ def _rollup_query(
     spans = []
     for grain, first, end in ranges:
         span: list[ColumnElement[bool]] = [model.grain == grain]
-        one = first is not None and end == (
-            _next_month(first) if grain == "month" else first + timedelta(days=1)
-        )
-        if one:
-            # One bucket: equal to it, so PostgreSQL reads the index as ordered by the segments.
-            span.append(model.bucket == first)
-        else:
-            if first is not None:
-                span.append(model.bucket >= first)
-            if end is not None:
-                span.append(model.bucket < end)
+        if first is not None:
+            span.append(model.bucket >= first)
+        if end is not None:
+            span.append(model.bucket < end)
         spans.append(and_(*span))
     where = [
         model.survey_id.in_(q.surveys),
@@ -1156,8 +1149,6 @@ def _source_selects(
         anything: Any = sum(answers[1:13], answers[0])
         dkeys, dwhere, _ = _rollup_query(session, DeliveryRollup, q, r)
         delivered: Any = DeliveryRollup.n
-        if not period:
-            keys, dkeys = [keys[0], *keys[2:]], [dkeys[0], *dkeys[2:]]
     else:
         unique = False
         keys, where = _cell_keys(session, ScoreCell, q), _cell_where(ScoreCell, q)
@@ -1176,6 +1167,12 @@ def _source_selects(
         where += _in_range(keys, r)
         dwhere += _in_range(dkeys, r)
         delivered = DeliveryCell.n
+    # Read in the order of the keys (on a roll-up read by month or day, that of the index);
+    # a month read of a report without a period orders by the month too (the index's order,
+    # whatever the planner makes of a one-month range) but does not select it.
+    order, dorder = keys, dkeys
+    if not period:
+        keys, dkeys = [keys[0], *keys[2:]], [dkeys[0], *dkeys[2:]]
     if not unique:
         # Summed per group first: a group has many rows (every day, every other segment).
         answers = [func.sum(c) for c in answers]
@@ -1200,10 +1197,9 @@ def _source_selects(
             out[1].group_by(*dkeys).having(delivered > 0),
         ]
     if r.limit is not None:
-        # In the order of the keys (on a roll-up read by month or day, that of the index).
         out = [
             select(part.order_by(*by).limit(r.limit).subquery())
-            for part, by in ((out[0], keys), (out[1], dkeys))
+            for part, by in ((out[0], order), (out[1], dorder))
         ]
     return out
 
