@@ -1085,7 +1085,7 @@ def _count_selects(session: AsyncSession, q: CellQuery, r: KeyRange) -> list[Any
             out += _source_selects(session, part, r, rollups)
         else:
             for month, within in months:
-                out += _source_selects(session, month, within, rollups, period=False)
+                out += _source_selects(session, month, within, rollups, keep_period=False)
     return out
 
 
@@ -1102,43 +1102,50 @@ def _month_reads(q: CellQuery, r: KeyRange) -> list[tuple[CellQuery, KeyRange]] 
     account and team: 119,000 rows for a page of 5,000). None: read it at once."""
     if q.period != "none" or r == EVERY or q.since is None or q.until is None:
         return None
-    grouping = rollup_set(q)
-    if grouping is None or set(grouping) != set(q.segments):
+    # By month, the same days would be read in the index's order (whole months, a set of
+    # exactly the segments).
+    if not in_index_order(CellQuery(q.surveys, q.since, q.until, "month", q.segments)):
         return None
-    if rollup_ranges(q) != [("month", q.since, q.until)]:
-        return None  # not whole months alone
     months = [q.since]
     while _next_month(months[-1]) < q.until:
         months.append(_next_month(months[-1]))
-    surveys = [
-        s
-        for s in sorted(q.surveys)
-        if (r.start is None or s >= r.start[0]) and (r.end is None or s <= r.end[0])
-    ]
+    surveys = _surveys_in(q, r)
     if len(surveys) * len(months) > MAX_MONTH_READS:
         return None
 
-    def bound(group: CellGroup | None, survey: str, month: date) -> CellGroup | None:
-        # The group's place in the survey's month (before or after the whole of another's).
-        return None if group is None or group[0] != survey else (survey, month, group[2])
+    def at(group: CellGroup | None, month: date) -> CellGroup | None:
+        return None if group is None else (group[0], month, group[2])
 
     return [
         (
             CellQuery((survey,), month, _next_month(month), "month", q.segments),
-            KeyRange(
-                bound(r.start, survey, month), r.from_start, bound(r.end, survey, month), r.limit
-            ),
+            KeyRange(at(start, month), r.from_start, at(end, month), r.limit),
         )
-        for survey in surveys
+        for survey, start, end in surveys
         for month in months
     ]
 
 
+def _surveys_in(q: CellQuery, r: KeyRange) -> list[tuple[str, CellGroup | None, CellGroup | None]]:
+    """The surveys of ``q`` that ``r`` reaches, in the order of the groups (the survey is their
+    first key), each with the bounds of ``r`` within it: a bound in another survey bounds none
+    of this one's groups."""
+    return [
+        (
+            survey,
+            r.start if r.start is not None and r.start[0] == survey else None,
+            r.end if r.end is not None and r.end[0] == survey else None,
+        )
+        for survey in sorted(q.surveys)
+        if (r.start is None or survey >= r.start[0]) and (r.end is None or survey <= r.end[0])
+    ]
+
+
 def _source_selects(
-    session: AsyncSession, q: CellQuery, r: KeyRange, rollups: bool, *, period: bool = True
+    session: AsyncSession, q: CellQuery, r: KeyRange, rollups: bool, *, keep_period: bool = True
 ) -> list[Any]:
     """``_count_selects`` of one source: the roll-ups or the cells; without the period's key
-    (``period`` False: a month read of a report without a period)."""
+    (``keep_period`` False: a month read of a report without a period)."""
     zero: ColumnElement[int] = literal_column("0", Integer())
     answers: list[Any]
     if rollups:
@@ -1171,7 +1178,7 @@ def _source_selects(
     # a month read of a report without a period orders by the month too (the index's order,
     # whatever the planner makes of a one-month range) but does not select it.
     order, dorder = keys, dkeys
-    if not period:
+    if not keep_period:
         keys, dkeys = [keys[0], *keys[2:]], [dkeys[0], *dkeys[2:]]
     if not unique:
         # Summed per group first: a group has many rows (every day, every other segment).
@@ -1242,10 +1249,7 @@ async def _by_periods(
     the page is full or the range read."""
     assert r.limit is not None and q.since is not None and q.until is not None
     out: list[tuple[CellGroup, ReadCounts]] = []
-    for survey in sorted(q.surveys):
-        start = r.start if r.start is not None and r.start[0] == survey else None
-        if r.start is not None and survey < r.start[0]:
-            continue
+    for survey, start, _ in _surveys_in(q, r):
         since = q.since if start is None or start[1] is None else max(q.since, start[1])
         width, periods, groups = 1, 0, 0
         while since < q.until and len(out) < r.limit:
