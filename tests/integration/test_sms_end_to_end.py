@@ -119,9 +119,11 @@ async def test_sms_sent_through_twilio_delivered_then_stopped(
                 assert r.status_code == 200, r.text
                 assert r.headers["content-type"].startswith("text/xml")
 
-                deliveries = await read_topic(kafka, events.DELIVERIES, expect=2, timeout=20)
+                # The STOP reply is a receipt of the last SMS to that number too: published
+                # after the delivery receipt (receipts go out in the order they arrived).
+                deliveries = await read_topic(kafka, events.DELIVERIES, expect=3, timeout=20)
                 statuses = [json.loads(m.value)["status"] for m in deliveries]  # type: ignore[attr-defined]
-                assert statuses == ["sent", "delivered"]
+                assert statuses == ["sent", "delivered", "opted_out"]
                 optouts = await read_topic(kafka, events.OPTOUTS, expect=1, timeout=20)
                 optout = json.loads(optouts[0].value)  # type: ignore[attr-defined]
                 assert (optout["customer_id"], optout["channel"], optout["reason"]) == (
