@@ -208,12 +208,13 @@ class DeliveryCell(CellKey, Base):
 
 class RollupKey:
     """The key of a roll-up: the cells summed over every segment but those of one grouping set
-    (``dim``), by day or by month. Declared in the order of the primary key, whose index makes
-    a read of one survey's roll-up of one grouping set over a range of days or months a range
-    scan."""
+    (``dim``), by day, ISO week or month. Declared in the order of the primary key, whose index
+    makes a read of one survey's roll-up of one grouping set over a range of days, weeks or
+    months a range scan."""
 
     survey_id: Mapped[str] = mapped_column(String(100), primary_key=True, sort_order=-20)
-    # 'day': ``bucket`` is the day; 'month': the first day of the month.
+    # 'day': ``bucket`` is the day; 'week': the Monday of its ISO week; 'month': the first day of
+    # the month.
     grain: Mapped[str] = mapped_column(String(5), primary_key=True, sort_order=-19)
     # The grouping set, its segments joined by ",": "" (summed over every segment), one of
     # touchpoint, channel, team, agent, account_id, "touchpoint,channel", "team,agent" or
@@ -232,7 +233,7 @@ class RollupKey:
 
 
 class ScoreRollup(RollupKey, Base):
-    """``collector_score_cells`` summed per grouping set and per day or month, one row per key
+    """``collector_score_cells`` summed per grouping set and per day, week or month, one row per key
     with a column per score: what ``/v1/scores`` reads when a grouping set covers its
     ``group_by`` (one row per group and period, nothing to pivot). Kept in the same transaction
     as the cells (``repository.count_answer``).

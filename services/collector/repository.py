@@ -99,7 +99,8 @@ def counted(r: Response) -> Counted:
     )
 
 
-GRAINS = ("day", "month")
+# The buckets of the roll-ups: the day, its ISO week's Monday, the first of its month.
+GRAINS = ("day", "week", "month")
 CellModel = type[ScoreCell] | type[DeliveryCell] | type[ScoreRollup] | type[DeliveryRollup]
 
 
@@ -131,20 +132,24 @@ MONTH_SETS: tuple[tuple[str, ...], ...] = (
     ("account_id", "agent"),
     ("account_id", "touchpoint", "channel"),
 )
-# Every grouping set each grain keeps.
+# Every grouping set each grain keeps. The week grain (migration 0004) answers a report by
+# week with a row per group and week, as the month grain does by month: a page of it is a range
+# of the primary key, where from the days it summed seven rows per group.
 GRAIN_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
     "day": ROLLUP_SETS,
+    "week": ROLLUP_SETS,
     "month": ROLLUP_SETS + MONTH_SETS,
 }
 
 
 def _rollup_keys(cell: Key) -> list[Key]:
-    """The roll-up rows a cell counts in: per grain (the day, the month) and grouping set, its
-    segments in the set and "" for the others."""
+    """The roll-up rows a cell counts in: per grain (the day, the week, the month) and grouping
+    set, its segments in the set and "" for the others."""
     values = dict(cell)
     day: date = values["day"]
     out: list[Key] = []
-    for grain, bucket in (("day", day), ("month", day.replace(day=1))):
+    for grain in GRAINS:
+        bucket = floor(day, grain)
         base = (("survey_id", values["survey_id"]), ("grain", grain))
         for grouping in GRAIN_SETS[grain]:
             segments = tuple((s, values[s] if s in grouping else "") for s in SEGMENTS)
@@ -903,7 +908,7 @@ class ContactWaits(NamedTuple):
 
 
 def _next_month(day: date) -> date:
-    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+    return step(floor(day, "month"), "month")
 
 
 # (grain, first bucket or None, end bucket (exclusive) or None)
@@ -911,19 +916,22 @@ RollupRange = tuple[str, date | None, date | None]
 
 
 def rollup_ranges(q: CellQuery) -> list[RollupRange]:
-    """Which roll-up rows cover days ``since <= day < until``: for a day or week period the
-    day grain; otherwise whole months from the month grain and the partial months at either
-    end from the day grain."""
-    if q.period in ("day", "week"):
+    """Which roll-up rows cover days ``since <= day < until``: for a day period the day grain;
+    for a week period whole weeks from the week grain, otherwise whole months from the month
+    grain; the partial weeks or months at either end from the day grain."""
+    if q.period == "day":
         return [("day", q.since, q.until)]
-    first = q.since if q.since is None or q.since.day == 1 else _next_month(q.since)
-    end = q.until if q.until is None else q.until.replace(day=1)
-    if first is not None and end is not None and first >= end:  # no whole month inside
+    grain = "week" if q.period == "week" else "month"
+    first = q.since
+    if first is not None and floor(first, grain) != first:
+        first = step(floor(first, grain), grain)
+    end = q.until if q.until is None else floor(q.until, grain)
+    if first is not None and end is not None and first >= end:  # no whole week or month inside
         return [("day", q.since, q.until)]
     out: list[RollupRange] = []
     if q.since is not None and first is not None and q.since < first:
         out.append(("day", q.since, first))
-    out.append(("month", first, end))
+    out.append((grain, first, end))
     if q.until is not None and end is not None and end < q.until:
         out.append(("day", end, q.until))
     return out
@@ -947,9 +955,10 @@ def uses_rollups(q: CellQuery) -> bool:
 
 
 def _aligned(q: CellQuery) -> bool:
-    """Whether the roll-ups' buckets are the period's: by day, or by month over whole months."""
+    """Whether the roll-ups' buckets are the period's: by day, by week over whole weeks, or by
+    month over whole months."""
     grains = {grain for grain, _, _ in rollup_ranges(q)}
-    return q.period == "day" or (q.period == "month" and grains == {"month"})
+    return q.period == "day" or (q.period in ("week", "month") and grains == {q.period})
 
 
 def in_index_order(q: CellQuery) -> bool:
@@ -969,7 +978,7 @@ def _rollup_query(
     """The group keys and the filter of a read of the roll-ups, laid out like the cells'
     (survey, period start, segment values), the rows of groups in ``r``; and whether every row
     is a group of its own (the set's segments are the requested ones and the period's buckets
-    the roll-ups': by month over whole months, or by day), read in the order of the primary
+    the roll-ups': by day, or by week or month over whole ones), read in the order of the primary
     key: then a page of groups is a range of the index."""
     grouping = rollup_set(q)
     if grouping is None:
@@ -1225,8 +1234,8 @@ async def cell_counts(
     ``GROUP BY`` the group). The counts stay as read (``sums`` makes them a ``CellSums``): a
     report scores only the groups of its page.
 
-    A page (``r.limit``) of a report by period whose groups are sums of several rows (weeks,
-    partial months, the full cells) is read a few periods at a time (``_by_periods``): its
+    A page (``r.limit``) of a report by period whose groups are sums of several rows (partial
+    weeks or months, the full cells) is read a few periods at a time (``_by_periods``): its
     groups are in the order of the periods, so the first page does not sum the whole range."""
     if (
         r.limit is not None

@@ -18,7 +18,7 @@ after a warm-up:
   and team over June, by month, team and agent; June by account and channel, by account and
   team and by account and agent (the month roll-ups of the account with one other segment);
   June by account, team and agent (the full cells: no roll-up keeps those);
-- by week over the year by agent and by account (the day roll-ups, a few weeks at a time);
+- by week over the year by agent and by account (the week roll-ups);
   the second quarter by account and team without a period (whole months, and a previous
   period that is not);
 - for the reports of more than a page, every page of it, following ``next_cursor`` as a client
@@ -159,8 +159,9 @@ ORDER BY 2, 1
 """
 
 # What repository.count_answer and mark_delivered keep beside the cells: per survey, day and
-# one segment (or none), then per month from the days. A score roll-up has a column per score
-# of the persons' answers, the bots' answers, the alerted and the contacted.
+# one segment (or none), then per month from the days (per week: migration 0004, below). A
+# score roll-up has a column per score of the persons' answers, the bots' answers, the
+# alerted and the contacted.
 SCORE_COLUMNS = [*SCORE_NAMES.values(), "bots", "alerted", "contacted"]
 SCORE_SUMS = ", ".join(
     [
@@ -191,13 +192,18 @@ ROLLUPS = (
     ("collector_score_rollups", "collector_score_cells", SCORE_COLUMNS, SCORE_SUMS),
     ("collector_delivery_rollups", "collector_delivery_cells", ["n"], "sum(n)"),
 )
-# The migrations that fill the month-only sets (repository.MONTH_SETS) from the cells.
-MONTH_SETS_MIGRATIONS = ("0002_account_month_rollups", "0003_more_account_month_rollups")
+# The migrations that fill roll-ups the collector's first release did not keep: the month-only
+# sets (repository.MONTH_SETS) from the cells, the week grain from the day grain.
+FILL_MIGRATIONS = (
+    "0002_account_month_rollups",
+    "0003_more_account_month_rollups",
+    "0004_week_rollups",
+)
 COUNT_STATEMENTS = (
     repr(GRAIN_SETS),
     *(
         (ROOT / f"services/collector/migrations/versions/{name}.py").read_text()
-        for name in MONTH_SETS_MIGRATIONS
+        for name in FILL_MIGRATIONS
     ),
     (ROOT / "services/collector/migrations/month_sets.py").read_text(),
     FILL_SCORE_CELLS,
@@ -298,9 +304,9 @@ async def fill_counts(engine: AsyncEngine) -> None:
                     )
                 )
             )
-        # The month-only roll-ups of the account with other segments, from the cells: what
-        # the migrations that introduced them fill in (repository.MONTH_SETS).
-        for name in MONTH_SETS_MIGRATIONS:
+        # The month-only roll-ups of the account with other segments, from the cells, and the
+        # week grain, from the days: what the migrations that introduced them fill in.
+        for name in FILL_MIGRATIONS:
             await conn.run_sync(run_migration_step, "collector", name, "upgrade")
     await vacuum(engine, [t for t in Base.metadata.tables if t != "collector_responses"])
     print(
@@ -579,7 +585,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             add(f"june_by_account_{pair}", await timed(scores(f"account,{pair}", *in_june)))
             every = scores(f"account,{pair}", *in_june, every_page=True)
             add(f"june_by_account_{pair}_every_page", await timed(every, runs=3))
-        # Weeks sum days: a first page reads a few weeks at a time, not the year.
+        # Weeks: a row per group and week in the week roll-ups (migration 0004).
         for group in ("agent", "account"):
             add(f"week_by_{group}", await timed(scores(group, "week")))
         # A quarter without a period: its months from the month roll-ups of the account and

@@ -497,8 +497,11 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
         # Whole months without a period: read month by month (a range of the index each).
         ("none", date(2026, 1, 1), date(2026, 4, 1), ("team",)),
         ("none", date(2026, 2, 1), date(2026, 4, 1), ("channel", "account_id")),
-        # Weeks: a page read a few weeks at a time.
+        # Whole weeks: a range of the week roll-ups' index.
         ("week", date(2025, 12, 29), date(2026, 4, 6), ("agent",)),
+        # Partial weeks at both ends (the API widens to whole weeks; the repository need not):
+        # their days from the day roll-ups, a page read a few weeks at a time.
+        ("week", date(2025, 12, 31), date(2026, 4, 8), ("agent",)),
     ],
 )
 async def test_a_range_of_groups_is_the_same_groups_of_the_whole_read(
@@ -574,7 +577,11 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
                 bucket,
                 *(getattr(c, s) if s in grouping else "" for s in repository.SEGMENTS),
             )
-            for grain, bucket in (("day", c.day), ("month", c.day.replace(day=1)))
+            for grain, bucket in (
+                ("day", c.day),
+                ("week", c.day - timedelta(days=c.day.weekday())),
+                ("month", c.day.replace(day=1)),
+            )
             for grouping in repository.GRAIN_SETS[grain]
         ]
 
@@ -606,25 +613,29 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
 
 
 @pytest.mark.parametrize(
-    ("migration", "sets"),
+    ("migration", "grain", "sets"),
     [
         (
             "0002_account_month_rollups",
+            "month",
             [("account_id", "touchpoint", "channel"), ("account_id", "team")],
         ),
         (
             "0003_more_account_month_rollups",
+            "month",
             [("account_id", "touchpoint"), ("account_id", "channel"), ("account_id", "agent")],
         ),
+        ("0004_week_rollups", "week", list(repository.ROLLUP_SETS)),
     ],
 )
-async def test_the_upgrade_fills_the_account_month_rollups_as_the_collector_keeps_them(
-    stack: Stack, migration: str, sets: list[tuple[str, ...]]
+async def test_the_upgrade_fills_the_new_rollups_as_the_collector_keeps_them(
+    stack: Stack, migration: str, grain: str, sets: list[tuple[str, ...]]
 ) -> None:
-    """A collector upgraded from the release before had no roll-ups of these sets: the
-    migration fills them from the cells, equal to what the collector keeps from then on (the
-    rows ``fill`` made through the repository), and its downgrade removes them."""
-    assert set(sets) <= set(repository.MONTH_SETS)
+    """A collector upgraded from the release before had no roll-ups of these sets at this
+    grain (the account with other segments by month; every set by week): the migration fills
+    them from what was counted, equal to what the collector keeps from then on (the rows
+    ``fill`` made through the repository), and its downgrade removes them."""
+    assert set(sets) <= set(repository.GRAIN_SETS[grain])
     await fill(stack, 600, seed=5)
     dims = [",".join(g) for g in sets]
     tables = (ScoreRollup, DeliveryRollup)
@@ -633,7 +644,9 @@ async def test_the_upgrade_fills_the_account_month_rollups_as_the_collector_keep
         async with unit_of_work(stack.sessions) as session:
             out = []
             for table in tables:
-                rows = await session.execute(select(table).where(table.dim.in_(dims)))
+                rows = await session.execute(
+                    select(table).where(table.grain == grain, table.dim.in_(dims))
+                )
                 out.append(
                     {
                         tuple(v for k, v in vars(r).items() if not k.startswith("_"))
@@ -782,7 +795,30 @@ async def test_close_the_loop_figures_follow_alerts_contacts_and_changes(stack: 
     ("period", "since", "until", "ranges"),
     [
         ("day", date(2026, 1, 5), None, [("day", date(2026, 1, 5), None)]),
-        ("week", None, None, [("day", None, None)]),
+        ("week", None, None, [("week", None, None)]),
+        # 2026-01-05 and -12 are Mondays.
+        (
+            "week",
+            date(2026, 1, 5),
+            date(2026, 2, 2),
+            [("week", date(2026, 1, 5), date(2026, 2, 2))],
+        ),
+        (
+            "week",
+            date(2026, 1, 7),
+            date(2026, 2, 4),
+            [
+                ("day", date(2026, 1, 7), date(2026, 1, 12)),
+                ("week", date(2026, 1, 12), date(2026, 2, 2)),
+                ("day", date(2026, 2, 2), date(2026, 2, 4)),
+            ],
+        ),
+        (
+            "week",
+            date(2026, 1, 7),
+            date(2026, 1, 16),
+            [("day", date(2026, 1, 7), date(2026, 1, 16))],
+        ),
         (
             "month",
             date(2026, 1, 1),
