@@ -117,20 +117,22 @@ ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
     ("team", "agent"),
     ("touchpoint", "channel", "team", "agent"),
 )
-# Kept at the month grain only, smallest first: the account with each other segment, and with
-# the touchpoint and channel (per survey and month at most accounts x 5 touchpoints, x 4
-# channels, x teams, x 20 touchpoint-channel pairs: several times fewer rows than the month's
-# cells; the account with the agent about a quarter of the month's answers in the benchmark,
-# where its cells are one per answer; a day of any of them would be about as many rows as the
-# day's answers). They answer a request by month, or over whole months, that groups by the
-# account and one of those: each group one row, so a page of such a report is a range of the
-# primary key (migrations 0002 and 0003 filled them from the cells).
+# Kept at the month grain only, smallest first: the account with each other segment, with
+# the touchpoint and channel, and with the team and agent (per survey and month at most
+# accounts x 5 touchpoints, x 4 channels, x teams, x 20 touchpoint-channel pairs: several times
+# fewer rows than the month's cells; the account with the agent, or with the team and agent
+# (an agent is in one team), about a quarter of the month's answers in the benchmark, where
+# its cells are one per answer; a day of any of them would be about as many rows as the day's
+# answers). They answer a request by month, or over whole months, that groups by the account
+# and those segments: each group one row, so a page of such a report is a range of the
+# primary key (migrations 0002, 0003 and 0005 filled them from the cells).
 MONTH_SETS: tuple[tuple[str, ...], ...] = (
     ("account_id", "touchpoint"),
     ("account_id", "channel"),
     ("account_id", "team"),
     ("account_id", "agent"),
     ("account_id", "touchpoint", "channel"),
+    ("account_id", "team", "agent"),
 )
 # Every grouping set each grain keeps. The week grain (migration 0004) answers a report by
 # week with a row per group and week, as the month grain does by month: a page of it is a range
@@ -940,7 +942,8 @@ def rollup_ranges(q: CellQuery) -> list[RollupRange]:
 def rollup_set(q: CellQuery) -> tuple[str, ...] | None:
     """The smallest grouping set of the roll-ups that covers the requested segments, at every
     grain the request reads (``MONTH_SETS`` only when it reads whole months alone); None when
-    none does (the account with the agent, or with another segment over days or weeks): then
+    none does (the account with segments no month set holds together, or with any segment
+    over days or weeks): then
     the full cells answer, the slower path (there are about as many cells as answers)."""
     for column in q.segments:
         if column not in SEGMENTS:
@@ -1066,7 +1069,7 @@ _SUMS = (*SCORE_COLUMNS.values(), "bots", "alerted", "contacted", "delivered")
 def sources(q: CellQuery) -> list[tuple[CellQuery, bool]]:
     """Where ``q``'s days are read, each part with whether from the roll-ups: all of them from
     the roll-ups when a grouping set covers the segments at every grain read; else, when a
-    month set covers them (the account and one other segment), the whole months from the month
+    month set covers them (the account with other segments), the whole months from the month
     roll-ups and the days around them from the cells; else all from the cells."""
     if uses_rollups(q):
         return [(q, True)]

@@ -7,17 +7,18 @@ A fresh PostgreSQL schema is filled with ``KAIKU_BENCH_SCORE_ANSWERS`` answers (
 later). The score and delivery cells, the contact waits and the roll-ups are then filled by
 ``INSERT ... SELECT ... GROUP BY``, equal to what the repository keeps with every answer. The
 plans of the reads of a first page of a few requests (month by account, by team and agent,
-June by account and channel and by account and agent: the roll-ups; June by account, team and
-agent: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the median of a few runs
-after a warm-up:
+June by account and channel and by account and agent: the roll-ups; June by account,
+touchpoint and agent: the cells) are printed by ``EXPLAIN ANALYZE``. Each figure is the
+median of a few runs after a warm-up:
 
 - a ``/v1/scores`` request (through the ASGI app, with scoring and the comparison with the
   previous period; the first page, of at most 5,000 rows, the default ``limit``) for one
   survey over the year: by month and team, agent or account, the database reads of the
   account's page alone, without a period (partial months at both ends, the whole year), by day
   and team over June, by month, team and agent; June by account and channel, by account and
-  team and by account and agent (the month roll-ups of the account with one other segment);
-  June by account, team and agent (the full cells: no roll-up keeps those);
+  team, by account and agent and by account, team and agent (the month roll-ups of the account
+  with other segments); June by account, touchpoint and agent (the full cells: no roll-up
+  keeps those);
 - by week over the year by agent and by account (the week roll-ups);
   the second quarter by account and team without a period (whole months, and a previous
   period that is not);
@@ -198,6 +199,7 @@ FILL_MIGRATIONS = (
     "0002_account_month_rollups",
     "0003_more_account_month_rollups",
     "0004_week_rollups",
+    "0005_account_team_agent_month_rollups",
 )
 COUNT_STATEMENTS = (
     repr(GRAIN_SETS),
@@ -557,7 +559,7 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
             date(2025, 6, 1),
             date(2025, 7, 1),
             "month",
-            ("team", "agent", "account_id"),
+            ("touchpoint", "agent", "account_id"),
         )
         await plans(engine, sessions, cells)
 
@@ -581,10 +583,11 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         add("day_by_team_one_month", await timed(scores("team", "day", "2025-06-01", "2025-07-01")))
         add("month_by_team_agent", await timed(scores("team,agent")))
         in_june = ("month", "2025-06-01", "2025-07-01")
-        for pair in ("channel", "team", "agent"):
-            add(f"june_by_account_{pair}", await timed(scores(f"account,{pair}", *in_june)))
+        for pair in ("channel", "team", "agent", "team,agent"):
+            name = pair.replace(",", "_")
+            add(f"june_by_account_{name}", await timed(scores(f"account,{pair}", *in_june)))
             every = scores(f"account,{pair}", *in_june, every_page=True)
-            add(f"june_by_account_{pair}_every_page", await timed(every, runs=3))
+            add(f"june_by_account_{name}_every_page", await timed(every, runs=3))
         # Weeks: a row per group and week in the week roll-ups (migration 0004).
         for group in ("agent", "account"):
             add(f"week_by_{group}", await timed(scores(group, "week")))
@@ -595,8 +598,8 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         add("quarter_by_account_team", await timed(scores("account,team", *quarter)))
         # No roll-up: the full cells (about as many cells as answers), for contrast.
         add(
-            "june_by_account_team_agent_cells",
-            await timed(scores("account,team,agent", *in_june), runs=1),
+            "june_by_account_touchpoint_agent_cells",
+            await timed(scores("account,touchpoint,agent", *in_june), runs=1),
         )
         add("month_by_team_from_answers", await timed(from_answers("team"), runs=3))
         add("count_again", await timed(count))

@@ -366,7 +366,8 @@ COMBINATIONS = [
     ("week", ["channel", "agent"], "2026-02-01", "2026-03-01"),
     ("month", ["channel", "touchpoint"], "2026-01-01", "2026-03-01"),
     # The account and other segments: by whole months the month roll-ups of the account with
-    # one other segment, or with the touchpoint and channel; else the full cells.
+    # one other segment, with the touchpoint and channel, or with the team and agent; else the
+    # full cells.
     ("month", ["account", "team"], "2026-01-01", "2026-04-01"),
     ("month", ["channel", "account"], None, None),
     ("none", ["account", "touchpoint", "channel"], "2026-02-01", "2026-04-01"),
@@ -376,11 +377,13 @@ COMBINATIONS = [
     ("month", ["account", "touchpoint"], "2026-01-01", None),
     ("none", ["account", "agent"], "2026-01-10", "2026-03-20"),
     ("month", ["account", "team", "agent"], "2026-02-01", "2026-04-01"),
+    ("none", ["account", "team", "agent"], "2026-01-10", "2026-03-20"),
+    ("month", ["account", "channel", "agent"], "2026-02-01", "2026-04-01"),
     ("day", ["account", "channel", "touchpoint"], "2026-03-01", "2026-03-03"),
     # Ranges that start weeks or months before the first answer: a page's first windows of
     # periods find nothing (read a few periods at a time, the windows grow).
     ("week", ["team"], "2025-11-03", "2026-02-02"),
-    ("month", ["account", "team", "agent"], "2025-10-01", "2026-03-01"),
+    ("month", ["account", "touchpoint", "agent"], "2025-10-01", "2026-03-01"),
 ]
 
 
@@ -626,6 +629,7 @@ async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -
             [("account_id", "touchpoint"), ("account_id", "channel"), ("account_id", "agent")],
         ),
         ("0004_week_rollups", "week", list(repository.ROLLUP_SETS)),
+        ("0005_account_team_agent_month_rollups", "month", [("account_id", "team", "agent")]),
     ],
 )
 async def test_the_upgrade_fills_the_new_rollups_as_the_collector_keeps_them(
@@ -894,8 +898,9 @@ def test_rollup_ranges(
         (("account_id", "agent"), ("account_id", "agent")),
         (("touchpoint", "account_id"), ("account_id", "touchpoint")),
         (("account_id", "touchpoint", "channel"), ("account_id", "touchpoint", "channel")),
+        (("account_id", "team", "agent"), ("account_id", "team", "agent")),
         (("account_id", "team", "channel"), None),  # the full cells
-        (("account_id", "team", "agent"), None),
+        (("account_id", "touchpoint", "agent"), None),
     ],
 )
 def test_rollup_set(segments: tuple[str, ...], grouping: tuple[str, ...] | None) -> None:
@@ -959,6 +964,13 @@ D = date  # (short: the tables below)
         ),
         (
             "none",
+            D(2026, 2, 1),
+            D(2026, 3, 2),
+            ("account_id", "team", "agent"),
+            [(D(2026, 2, 1), D(2026, 3, 1), 1), (D(2026, 3, 1), D(2026, 3, 2), 0)],
+        ),
+        (
+            "none",
             None,
             D(2026, 3, 20),
             ("account_id", "channel"),
@@ -983,7 +995,7 @@ D = date  # (short: the tables below)
             "none",
             D(2026, 1, 10),
             D(2026, 3, 20),
-            ("team", "agent", "account_id"),
+            ("touchpoint", "agent", "account_id"),
             [(D(2026, 1, 10), D(2026, 3, 20), 0)],
         ),
     ],
