@@ -121,11 +121,12 @@ ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
 # the touchpoint and channel, and with the team and agent (per survey and month at most
 # accounts x 5 touchpoints, x 4 channels, x teams, x 20 touchpoint-channel pairs: several times
 # fewer rows than the month's cells; the account with the agent, or with the team and agent
-# (an agent is in one team), about a quarter of the month's answers in the benchmark, where
-# its cells are one per answer; a day of any of them would be about as many rows as the day's
-# answers). They answer a request by month, or over whole months, that groups by the account
-# and those segments: each group one row, so a page of such a report is a range of the
-# primary key (migrations 0002, 0003 and 0005 filled them from the cells).
+# (an agent is in one team), 72% of the answers in the benchmark, where its cells are one per
+# answer: not fewer rows, but one per group, in the report's order; a day of any of them would
+# be about as many rows as the day's answers). They answer a request by month, or over whole
+# months, that groups by the account and those segments: each group one row, so a page of
+# such a report is a range of the primary key (migrations 0002, 0003 and 0005 filled them
+# from the cells).
 MONTH_SETS: tuple[tuple[str, ...], ...] = (
     ("account_id", "touchpoint"),
     ("account_id", "channel"),
