@@ -8,7 +8,7 @@ import operator
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -785,6 +785,9 @@ class KeyRange:
     from_start: bool = False
     end: CellGroup | None = None
     limit: int | None = None
+    # The groups whose first segment (of the order) is from the first value to the second,
+    # inclusive (``_by_leading``).
+    lead: tuple[str, str] | None = None
 
 
 EVERY = KeyRange()
@@ -1132,7 +1135,7 @@ def _month_reads(q: CellQuery, r: KeyRange) -> list[tuple[CellQuery, KeyRange]] 
     return [
         (
             CellQuery((survey,), month, _next_month(month), "month", q.segments),
-            KeyRange(at(start, month), r.from_start, at(end, month), r.limit),
+            KeyRange(at(start, month), r.from_start, at(end, month), r.limit, r.lead),
         )
         for survey, start, end in surveys
         for month in months
@@ -1168,6 +1171,8 @@ def _source_selects(
         # come down to none when its answers moved.
         anything: Any = sum(answers[1:13], answers[0])
         dkeys, dwhere, _ = _rollup_query(session, DeliveryRollup, q, r)
+        where += _leading(ScoreRollup, q, r)
+        dwhere += _leading(DeliveryRollup, q, r)
         delivered: Any = DeliveryRollup.n
     else:
         unique = False
@@ -1184,8 +1189,8 @@ def _source_selects(
         ]
         anything = ScoreCell.n
         dkeys, dwhere = _cell_keys(session, DeliveryCell, q), _cell_where(DeliveryCell, q)
-        where += _in_range(keys, r)
-        dwhere += _in_range(dkeys, r)
+        where += _in_range(keys, r) + _leading(ScoreCell, q, r)
+        dwhere += _in_range(dkeys, r) + _leading(DeliveryCell, q, r)
         delivered = DeliveryCell.n
     # Read in the order of the keys (on a roll-up read by month or day, that of the index);
     # a month read of a report without a period orders by the month too (the index's order,
@@ -1224,6 +1229,20 @@ def _source_selects(
     return out
 
 
+def _leading(model: Any, q: CellQuery, r: KeyRange) -> list[Any]:
+    """Bounds of the first segment of the order that every group in ``r`` is within: ``r.lead``,
+    or a range's first and last group's within one survey and period. The cells' index then
+    reads the period's days, but only the rows of those values from the table; a roll-up's
+    index only the rows of those values."""
+    bounds = r.lead
+    if bounds is None and r.start is not None and r.end is not None and r.start[:2] == r.end[:2]:
+        bounds = (r.start[2][0], r.end[2][0]) if q.segments else None
+    if bounds is None:
+        return []
+    column = getattr(model, q.segments[0])
+    return [column >= bounds[0], column <= bounds[1]]
+
+
 # A group's counts as a read returns them, in the order of ``_SUMS``.
 ReadCounts = tuple[int, ...]
 
@@ -1250,7 +1269,61 @@ async def cell_counts(
         and not in_index_order(q)
     ):
         return await _by_periods(session, q, r)
+    if r.limit is not None and r.end is None and q.period == "none" and _by_cells(q):
+        out: list[tuple[CellGroup, ReadCounts]] = []
+        for survey, start, _ in _surveys_in(q, r):
+            if len(out) < r.limit:
+                one = replace(q, surveys=(survey,))
+                within = KeyRange(start, r.from_start, None, r.limit - len(out))
+                out += await _by_leading(session, one, within)
+        return out
     return await _counts(session, q, r)
+
+
+def _by_cells(q: CellQuery) -> bool:
+    """Whether ``q`` reads some of its days from the full cells (no roll-up holds its segments
+    at those days' grain), grouped by more than one segment: then a page is read a few values
+    of the first segment at a time (``_by_leading``)."""
+    return len(q.segments) > 1 and not all(rollups for _, rollups in sources(q))
+
+
+async def _by_leading(
+    session: AsyncSession, q: CellQuery, r: KeyRange
+) -> list[tuple[CellGroup, ReadCounts]]:
+    """``cell_counts`` of a page of one survey over one period (or without one) that reads cells,
+    a few values of the first segment at a time: the groups are in its order. Its values from
+    the cursor's on, each with its answers and deliveries, come from the roll-ups of that
+    segment alone (a few hundred rows at most); then the cells of as many values as the rest of
+    the page needs at the groups per answer or delivery so far (at first one each, the most
+    there can be; a quarter more), until the page is full. The cells' index still covers the
+    period's days, but only the rows of those values are read and summed, not every cell."""
+    assert r.limit is not None and r.end is None
+    lead = q.segments[0]
+    period = None if q.period == "none" or q.since is None else floor(q.since, q.period)
+    # The cursor's value of the segment bounds the values only in its own period.
+    start = None
+    if r.start is not None and r.start[1] == period:
+        start = (r.start[0], None, (r.start[2][0],))
+    one = CellQuery(q.surveys, q.since, q.until, "none", (lead,))
+    values = [
+        (group[2][0], sum(counts[:13]) + counts[15])  # answers (bots too) and deliveries
+        for group, counts in await _counts(session, one, KeyRange(start, True))
+    ]
+    out: list[tuple[CellGroup, ReadCounts]] = []
+    rate, counted, i = 1.0, 0, 0
+    while i < len(values) and len(out) < r.limit:
+        missing = r.limit - len(out)
+        j, weight = i, 0
+        while j < len(values) and weight * rate < 1.25 * missing:
+            weight += values[j][1]
+            j += 1
+        within = replace(r, limit=missing, lead=(values[i][0], values[j - 1][0]))
+        found = await _counts(session, q, within)
+        out += found
+        counted += weight
+        rate = len(out) / counted if out and counted else rate / 2
+        i = j
+    return out
 
 
 async def _by_periods(
@@ -1272,9 +1345,11 @@ async def _by_periods(
                 if until >= q.until:
                     break
             window = CellQuery((survey,), since, min(until, q.until), q.period, q.segments)
-            found = await _counts(
-                session, window, KeyRange(start, r.from_start, None, r.limit - len(out))
-            )
+            within = KeyRange(start, r.from_start, None, r.limit - len(out))
+            if width == 1 and _by_cells(window):  # one period of the full cells
+                found = await _by_leading(session, window, within)
+            else:
+                found = await _counts(session, window, within)
             out.extend(found)
             periods, groups = periods + width, groups + len(found)
             # As many periods as the rest of the page needs at the groups per period so far,

@@ -384,6 +384,8 @@ COMBINATIONS = [
     # periods find nothing (read a few periods at a time, the windows grow).
     ("week", ["team"], "2025-11-03", "2026-02-02"),
     ("month", ["account", "touchpoint", "agent"], "2025-10-01", "2026-03-01"),
+    # The full cells without a period: a page read a few touchpoints at a time.
+    ("none", ["account", "touchpoint", "agent"], "2026-01-10", "2026-03-20"),
 ]
 
 
@@ -505,6 +507,9 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
         # Partial weeks at both ends (the API widens to whole weeks; the repository need not):
         # their days from the day roll-ups, a page read a few weeks at a time.
         ("week", date(2025, 12, 31), date(2026, 4, 8), ("agent",)),
+        # The full cells: a page of a period read a few touchpoints (or channels) at a time.
+        ("month", date(2026, 1, 1), date(2026, 4, 1), ("channel", "agent", "account_id")),
+        ("none", date(2026, 1, 10), date(2026, 3, 20), ("touchpoint", "agent", "account_id")),
     ],
 )
 async def test_a_range_of_groups_is_the_same_groups_of_the_whole_read(
