@@ -534,6 +534,14 @@ async def test_a_range_of_groups_is_the_same_groups_of_the_whole_read(
             (repository.KeyRange(whole[-3][0], False, None, 9), whole[-2:]),
         ]:
             assert await repository.cell_counts(session, q, r) == want, r
+        # A range within one survey and period: its reads are bounded by the first segment's
+        # values of its first and last group too.
+        same = [i for i, (g, _) in enumerate(whole) if g[:2] == whole[1][0][:2]]
+        assert len(same) >= 4
+        i, j = same[1], same[-2]
+        r = repository.KeyRange(whole[i][0], True, whole[j][0])
+        assert whole[i][0][2][0] != whole[j][0][2][0] or len(segments) == 1
+        assert await repository.cell_counts(session, q, r) == whole[i : j + 1]
 
 
 async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -> None:
