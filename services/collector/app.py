@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.collector import alerting, api, cursors, dashboard, erasure, links, responses
+from services.collector import alerting, api, bots, cursors, dashboard, erasure, links, responses
 from services.collector.config import CollectorSettings, reporting_zone
 from services.collector.handlers import DeliveryHandler, InvitationHandler
 from services.collector.models import Base
@@ -32,7 +32,11 @@ def create_app(
     runtime = Runtime(
         name="collector", kafka=settings.kafka, database=settings.database, metadata=Base.metadata
     )
-    relay = ResponseRelay(runtime.sessions, runtime.producer)
+    relay = ResponseRelay(
+        runtime.sessions,
+        runtime.producer,
+        keep_hits=bots.BotRules.of(collector).burst_window,
+    )
     runtime.consume(
         "collector-invitations",
         events.INVITATIONS,

@@ -126,7 +126,9 @@ class Hit(Base):
     trap link) or a POSTed score: what bot detection looks at. No IP address, no user agent."""
 
     __tablename__ = "collector_hits"
-    __table_args__ = (Index(None, "invitation_id", "at"),)
+    # By link (bot detection reads a link's recent hits), and by time (the relay sweeps the
+    # hits older than the burst window, of links nobody fetches again).
+    __table_args__ = (Index(None, "invitation_id", "at"), Index("ix_collector_hits_at", "at"))
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True

@@ -3,14 +3,16 @@
 
 The survey page commits the answer and wakes this relay; the relay publishes every answer whose
 ``published_at`` is empty and then marks it, so an answer stored while the broker was away goes out
-when it is back, and nothing is lost between the database and Kafka.
+when it is back, and nothing is lost between the database and Kafka. Each round it also sweeps
+what nobody will read again: delivery reports whose invitation has arrived since, and link hits
+older than the burst window.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -87,11 +89,13 @@ class ResponseRelay(Worker):
         producer: Producer,
         poll_seconds: float = 2.0,
         clock: Callable[[], datetime] = utcnow,
+        keep_hits: timedelta = timedelta(seconds=60),
     ) -> None:
         super().__init__(poll_seconds)
         self.sessions = sessions
         self.producer = producer
         self.clock = clock
+        self.keep_hits = keep_hits
 
     async def run(self) -> None:
         while True:
@@ -110,6 +114,7 @@ class ResponseRelay(Worker):
         """Publish one batch of each kind; returns the larger count (``limit`` means: more)."""
         async with unit_of_work(self.sessions) as session:
             await repository.sweep_early_deliveries(session)
+            await repository.sweep_hits(session, self.clock() - self.keep_hits)
             rows = await repository.unpublished_responses(session, limit)
             optouts = await repository.unpublished_optouts(session, limit)
             erasures = await repository.unpublished_erasures(session, limit)

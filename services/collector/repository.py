@@ -443,6 +443,15 @@ async def add_hit(
     await session.flush()
 
 
+async def sweep_hits(session: AsyncSession, before: datetime, limit: int = 5000) -> None:
+    """Delete up to ``limit`` hits older than ``before`` (the burst window back: no bot
+    detection reads them), oldest first. ``add_hit`` prunes a link's old hits when it is
+    fetched again; this forgets those of links nobody fetches again. The relay sweeps each
+    round (every two seconds when idle: a backlog at 2,500 hits a second or more)."""
+    old = select(Hit.id).where(Hit.at < before).order_by(Hit.at).limit(limit).scalar_subquery()
+    await session.execute(delete(Hit).where(Hit.id.in_(old)))
+
+
 async def recent_hits(
     session: AsyncSession, invitation_id: uuid.UUID, since: datetime
 ) -> list[Hit]:

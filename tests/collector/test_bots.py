@@ -13,6 +13,7 @@ from services.collector import repository
 from services.collector.bots import BotRules
 from services.collector.config import CollectorSettings
 from services.collector.models import Hit, Invitation
+from services.collector.outbox import ResponseRelay
 from services.common.db import unit_of_work
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -124,3 +125,40 @@ async def test_a_link_fetched_again_and_again_keeps_only_its_recent_hits(
     assert kept == [last - timedelta(seconds=s) for s in range(60, -1, -5)]
     assert [h.at for h in recent] == kept
     assert [at for i, at in stored if i == other] == [T0]  # another link's are its own
+
+
+class _NoBroker:
+    """The relay's producer when there is nothing to publish."""
+
+    async def publish(self, messages: object) -> None:
+        assert not messages, messages
+
+
+async def test_the_relay_forgets_the_hits_of_links_nobody_fetches_again(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """A link opened once keeps no hit past the burst window: the relay sweeps them each round,
+    oldest first and a batch at a time, and leaves the window's hits for bot detection."""
+    once = [uuid.uuid4() for _ in range(3)]
+    recent = uuid.uuid4()
+    keep = RULES.burst_window
+    async with unit_of_work(sessions) as session:
+        for i, link in enumerate(once):
+            await repository.add_hit(
+                session, link, "open", None, T0 + timedelta(seconds=i), keep=keep
+            )
+        await repository.add_hit(session, recent, "post", 9, T0 + timedelta(seconds=590), keep=keep)
+
+    async def links() -> list[uuid.UUID]:
+        async with unit_of_work(sessions) as session:
+            return list(
+                (await session.execute(select(Hit.invitation_id).order_by(Hit.at))).scalars()
+            )
+
+    now = T0 + timedelta(seconds=600)
+    async with unit_of_work(sessions) as session:
+        await repository.sweep_hits(session, now - keep, limit=2)
+    assert await links() == [once[2], recent]  # the two oldest first
+    relay = ResponseRelay(sessions, _NoBroker(), clock=lambda: now, keep_hits=keep)  # type: ignore[arg-type]
+    assert await relay.publish() == 0
+    assert await links() == [recent]
