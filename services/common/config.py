@@ -46,6 +46,9 @@ class KafkaSettings(BaseSettings):
     # Consumer loop tuning.
     max_batch: int = 500
     poll_timeout_ms: int = 200
+    # How often each consumer reads its partitions' end offsets for kaiku_consumer_lag, also
+    # while it is idle or a batch is stuck (else the gauge only moves when a batch finishes).
+    lag_refresh_seconds: float = Field(default=15.0, gt=0)
     # Group membership: a consumer joins a group in about half the session timeout on Tansu.
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000

@@ -332,13 +332,15 @@ def dead_letter(
 class _ForgetLag(ConsumerRebalanceListener):  # type: ignore[misc]
     """Drops a consumer's lag gauge for the partitions it loses in a rebalance: their new owner
     reports them, and a stale value left here would count twice in a sum over the pods (what
-    the autoscaling and the lag alert read)."""
+    the autoscaling and the lag alert read). Forgets what it committed there too."""
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, committed: dict[TopicPartition, int]) -> None:
         self.consumer = consumer
+        self.committed = committed
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:
+            self.committed.pop(tp, None)
             with contextlib.suppress(KeyError):
                 LAG.remove(self.consumer, str(tp.partition))
 
@@ -378,6 +380,9 @@ class ConsumerLoop(Generic[M]):
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        # The next offset to process of each partition, as last committed here.
+        self._committed: dict[TopicPartition, int] = {}
         self._recent: deque[bool] = deque(maxlen=settings.dlq_breaker_window)
         self.error: BaseException | None = None
         self.processed = 0
@@ -395,9 +400,13 @@ class ConsumerLoop(Generic[M]):
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
         )
-        self._consumer.subscribe([self.settings.topic(self.topic)], listener=_ForgetLag(self.name))
+        self._committed = {}
+        self._consumer.subscribe(
+            [self.settings.topic(self.topic)], listener=_ForgetLag(self.name, self._committed)
+        )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
+        self._lag_task = asyncio.create_task(self._refresh_lag(), name=f"lag-{self.name}")
 
     @property
     def healthy(self) -> bool:
@@ -413,6 +422,10 @@ class ConsumerLoop(Generic[M]):
         it, which the handlers' idempotency makes harmless. Returns whether it drained."""
         self._stopping.set()
         drained = True
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+            self._lag_task = None
         if self._task is not None:
             done, _ = await asyncio.wait({self._task}, timeout=timeout)
             if not done:
@@ -526,6 +539,7 @@ class ConsumerLoop(Generic[M]):
         offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
         try:
             await self._consumer.commit(offsets)
+            self._committed.update(offsets)
         except CommitFailedError:
             # The group rebalanced while we worked: the new owner gets these messages again and
             # the handlers' idempotency makes that harmless.
@@ -542,6 +556,35 @@ class ConsumerLoop(Generic[M]):
                 f"{sum(self._recent)} of the last {len(self._recent)} messages were invalid; "
                 "stopping so a bad producer or deploy does not drain the topic"
             )
+
+    async def _refresh_lag(self) -> None:
+        """Every ``lag_refresh_seconds``: each owned partition's end offset minus the next offset
+        to process (committed here, else in the group, else the partition's first: the group
+        starts at the earliest), whatever the loop is doing. A consumer
+        stuck on a batch (the database away, a slow handler) then shows its lag growing, and
+        the lag alert fires, where ``_record_lag`` alone would keep the last batch's value."""
+        while True:
+            await asyncio.sleep(self.settings.lag_refresh_seconds)
+            consumer = self._consumer
+            if consumer is None:
+                return
+            owned = set(consumer.assignment())
+            if not owned:
+                continue
+            try:
+                ends = await consumer.end_offsets(list(owned))
+                for tp in owned:
+                    done = self._committed.get(tp)
+                    if done is None:
+                        done = await consumer.committed(tp)
+                    if done is None:  # nothing committed in the group: it starts at the first
+                        done = (await consumer.beginning_offsets([tp]))[tp]
+                    if tp in consumer.assignment():
+                        LAG.labels(consumer=self.name, partition=str(tp.partition)).set(
+                            max(0, ends[tp] - done)
+                        )
+            except KafkaError as exc:
+                log.debug("consumer %s: lag not refreshed (%s)", self.name, type(exc).__name__)
 
     def _record_lag(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         assert self._consumer is not None

@@ -97,3 +97,69 @@ async def test_a_consumer_drops_the_lag_of_the_partitions_it_loses(
         await first.stop(5)
         await producer.stop()
         await engine.dispose()
+
+
+def lag_total(consumer: str) -> float:
+    """The sum of ``consumer``'s kaiku_consumer_lag over its partitions."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "kaiku_consumer_lag"
+        for sample in metric.samples
+        if sample.labels.get("consumer") == consumer
+    )
+
+
+async def test_the_lag_grows_while_a_batch_is_stuck_and_falls_when_it_is_done(
+    kafka: KafkaSettings, sqlite: DatabaseSettings
+) -> None:
+    """A consumer stuck on a batch (its database away, a slow handler) finishes no batch, yet
+    its lag gauge follows the messages arriving behind it: the lag alert can fire."""
+    topic = f"lag-stuck-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(kafka, [topic])
+    settings = kafka.model_copy(update={"lag_refresh_seconds": 0.2, "max_batch": 1})
+    engine = create_engine(sqlite)
+    sessions = create_sessionmaker(engine)
+    producer = Producer(kafka)
+    await producer.start()
+    release = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def handle(batch: list[Incoming[bytes]], session: AsyncSession) -> HandlerResult:
+        seen.extend(m.message for m in batch)
+        await release.wait()
+        return HandlerResult()
+
+    consumer = ConsumerLoop(
+        name=f"stuck-{topic}",
+        topic=topic,
+        group_id=f"group-{topic}",
+        decode=lambda record: bytes(record.value or b""),
+        handler=handle,
+        sessions=sessions,
+        producer=producer,
+        settings=settings,
+    )
+    raw = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await raw.start()
+    try:
+        await consumer.start()
+        await raw.send_and_wait(kafka.topic(topic), b"first", partition=0)
+        await eventually(lambda: seen == [b"first"], timeout=30, what="the first batch in hand")
+        for i in range(25):
+            await raw.send_and_wait(kafka.topic(topic), f"behind-{i}".encode(), partition=0)
+        # The batch in hand is not committed: it and the 25 behind it.
+        await eventually(
+            lambda: lag_total(consumer.name) == 26, timeout=30, what="the lag of the stuck batch"
+        )
+        release.set()
+        await eventually(lambda: len(seen) == 26, timeout=30, what="the rest consumed")
+        await eventually(
+            lambda: lag_total(consumer.name) == 0, timeout=30, what="the lag back to 0"
+        )
+    finally:
+        release.set()
+        await raw.stop()
+        await consumer.stop(5)
+        await producer.stop()
+        await engine.dispose()
