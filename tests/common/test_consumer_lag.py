@@ -24,15 +24,20 @@ from tests.support import eventually
 TOPIC = "lag-test"
 
 
-def lag_partitions(consumer: str) -> set[str]:
-    """The partitions ``consumer`` has a kaiku_consumer_lag series for."""
+def lags(consumer: str) -> dict[str, float]:
+    """``consumer``'s kaiku_consumer_lag series: the value of each partition it reports."""
     return {
-        sample.labels["partition"]
+        sample.labels["partition"]: sample.value
         for metric in REGISTRY.collect()
         if metric.name == "kaiku_consumer_lag"
         for sample in metric.samples
         if sample.labels.get("consumer") == consumer
     }
+
+
+def lag_partitions(consumer: str) -> set[str]:
+    """The partitions ``consumer`` has a kaiku_consumer_lag series for."""
+    return set(lags(consumer))
 
 
 async def test_a_consumer_drops_the_lag_of_the_partitions_it_loses(
@@ -101,13 +106,7 @@ async def test_a_consumer_drops_the_lag_of_the_partitions_it_loses(
 
 def lag_total(consumer: str) -> float:
     """The sum of ``consumer``'s kaiku_consumer_lag over its partitions."""
-    return sum(
-        sample.value
-        for metric in REGISTRY.collect()
-        if metric.name == "kaiku_consumer_lag"
-        for sample in metric.samples
-        if sample.labels.get("consumer") == consumer
-    )
+    return sum(lags(consumer).values())
 
 
 async def test_the_lag_grows_while_a_batch_is_stuck_and_falls_when_it_is_done(
