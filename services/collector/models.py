@@ -235,8 +235,8 @@ class RollupKey:
 
 
 class ScoreRollup(RollupKey, Base):
-    """``collector_score_cells`` summed per grouping set and per day, week or month, one row per key
-    with a column per score: what ``/v1/scores`` reads when a grouping set covers its
+    """``collector_score_cells`` summed per grouping set and per day, week or month, one row per
+    key with a column per score: what ``/v1/scores`` reads when a grouping set covers its
     ``group_by`` (one row per group and period, nothing to pivot). Kept in the same transaction
     as the cells (``repository.count_answer``).
 

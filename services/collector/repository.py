@@ -956,8 +956,8 @@ def rollup_set(q: CellQuery) -> tuple[str, ...] | None:
     """The smallest grouping set of the roll-ups that covers the requested segments, at every
     grain the request reads (``MONTH_SETS`` only when it reads whole months alone); None when
     none does (the account with segments no month set holds together, or with any segment
-    over days or weeks): then
-    the full cells answer, the slower path (there are about as many cells as answers)."""
+    over days or weeks): then the full cells answer, the slower path (there are about as many
+    cells as answers)."""
     for column in q.segments:
         if column not in SEGMENTS:
             raise ValueError(f"not a segment: {column}")
@@ -994,8 +994,9 @@ def _rollup_query(
     """The group keys and the filter of a read of the roll-ups, laid out like the cells'
     (survey, period start, segment values), the rows of groups in ``r``; and whether every row
     is a group of its own (the set's segments are the requested ones and the period's buckets
-    the roll-ups': by day, or by week or month over whole ones), read in the order of the primary
-    key: then a page of groups is a range of the index."""
+    the roll-ups': by day, or by week or month over whole ones), read in the order of the
+    primary key: then a page of groups is a range of the index. Within ``r.lead``, or the
+    values of the set's first segment a range of one survey and period spans (``_leading``)."""
     grouping = rollup_set(q)
     if grouping is None:
         raise ValueError(f"no roll-up groups by {', '.join(q.segments)}")
@@ -1042,20 +1043,12 @@ def _rollup_query(
         where += _in_range([getattr(model, c) for c in columns], r, position)
         if r.start is not None and r.end is not None and r.start[:2] == r.end[:2] and grouping:
             # PostgreSQL (15) ends an index scan at a row value's bound only where its first
-            # column decides: within one survey and bucket, bound the set's first segment in
-            # the key's order too, so the scan ends with the range, not with the bucket.
-            leading = next(c for c in SEGMENTS if c in grouping)
-            i = q.segments.index(leading)
-            column = getattr(model, leading)
-            where += [
-                model.survey_id == r.start[0],
-                model.bucket == r.start[1],
-                column >= r.start[2][i],
-                column <= r.end[2][i],
-            ]
+            # column decides: within one survey and bucket, fix those (``_leading`` bounds the
+            # set's first segment), so the scan ends with the range, not with the bucket.
+            where += [model.survey_id == r.start[0], model.bucket == r.start[1]]
     else:
         where += _in_range(keys, r)
-    return keys, where, unique
+    return keys, where + _leading(model, q, r), unique
 
 
 async def plan_for_reports(session: AsyncSession) -> None:
@@ -1180,8 +1173,6 @@ def _source_selects(
         # come down to none when its answers moved.
         anything: Any = sum(answers[1:13], answers[0])
         dkeys, dwhere, _ = _rollup_query(session, DeliveryRollup, q, r)
-        where += _leading(ScoreRollup, q, r)
-        dwhere += _leading(DeliveryRollup, q, r)
         delivered: Any = DeliveryRollup.n
     else:
         unique = False
@@ -1243,9 +1234,11 @@ def _leading(model: Any, q: CellQuery, r: KeyRange) -> list[Any]:
     or a range's first and last group's within one survey and period. The cells' index then
     reads the period's days, but only the rows of those values from the table; a roll-up's
     index only the rows of those values."""
+    if not q.segments:
+        return []
     bounds = r.lead
     if bounds is None and r.start is not None and r.end is not None and r.start[:2] == r.end[:2]:
-        bounds = (r.start[2][0], r.end[2][0]) if q.segments else None
+        bounds = (r.start[2][0], r.end[2][0])
     if bounds is None:
         return []
     column = getattr(model, q.segments[0])

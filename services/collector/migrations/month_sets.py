@@ -1,6 +1,7 @@
 """Filling month grouping sets of the roll-ups from the cells: what the migrations that add a
 set to ``repository.MONTH_SETS`` run (each with its own sets, as of its version: migrations do
-not import the code they migrate, and the SQL here is of the schema of 0001).
+not import the code they migrate, and the SQL here is of the schema of 0001). The roll-ups'
+columns and ``lock`` serve the migration of the week grain (0004) too.
 
 ``fill`` is exact whenever it runs: on PostgreSQL the roll-ups are locked against writes
 meanwhile (readers go on), and any rows of the sets there already (a re-run after a
@@ -41,12 +42,18 @@ def _fill(
         op.execute(f"{sql} FROM {cells} GROUP BY survey_id, {month}, {group}")
 
 
-def fill(sets: Sets) -> None:
-    """Fill the month rows of ``sets`` from the cells (replacing any there)."""
+def lock() -> None:
+    """On PostgreSQL, lock the roll-ups against writes (readers go on) until the migration's
+    transaction ends: the rows a refill reads and writes cannot move meanwhile."""
     if op.get_bind().dialect.name == "postgresql":
         op.execute(
             "LOCK TABLE collector_score_rollups, collector_delivery_rollups IN EXCLUSIVE MODE"
         )
+
+
+def fill(sets: Sets) -> None:
+    """Fill the month rows of ``sets`` from the cells (replacing any there)."""
+    lock()
     remove(sets)
     score_sums = [
         *(f"SUM(CASE WHEN {when} THEN n ELSE 0 END)" for when in SCORE_SUMS.values()),

@@ -19,22 +19,16 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from services.collector.migrations import month_sets
+
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# As of this version (migrations do not import the code they migrate).
-SEGMENTS = ("touchpoint", "channel", "team", "agent", "account_id")
-SCORE_COLUMNS = (
-    "no_score",
-    *(f"score_{s}" for s in range(11)),
-    "bots",
-    "alerted",
-    "contacted",
-)
+# The roll-ups' columns as of this version (migrations do not import the code they migrate).
 TABLES = (
-    ("collector_score_rollups", SCORE_COLUMNS),
+    ("collector_score_rollups", month_sets.SCORE_COLUMNS),
     ("collector_delivery_rollups", ("n",)),
 )
 
@@ -49,17 +43,14 @@ def _week(dialect: str) -> str:
 
 def upgrade() -> None:
     """Fill the week rows from the day rows, exactly, whenever it runs."""
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(
-            "LOCK TABLE collector_score_rollups, collector_delivery_rollups IN EXCLUSIVE MODE"
-        )
+    month_sets.lock()
     downgrade()
     week = _week(op.get_bind().dialect.name)
-    segments = ", ".join(SEGMENTS)
+    segments = ", ".join(month_sets.SEGMENTS)
     for table, columns in TABLES:
         names = ", ".join(columns)
         sums = ", ".join(f"SUM({c})" for c in columns)
-        # Every name here is a constant of this migration.
+        # Every name here is a constant of the migrations.
         op.execute(
             f"INSERT INTO {table} (survey_id, grain, dim, bucket, {segments}, {names}) "  # noqa: S608
             f"SELECT survey_id, 'week', dim, {week}, {segments}, {sums} FROM {table} "
