@@ -250,22 +250,15 @@ class EventHandler:
                 ),
             ],
         )
-        rules_window = max((r.window for r in self.program.fatigue.rules), default=timedelta(0))
-        coalesce_window = max(
-            (t.coalesce for t in self.program.triggers if t.coalesce), default=timedelta(0)
-        )
-        earliest = min((e.time or now) for e in batch)
         history = _History()
         for row in await repository.recent_invitations(
             session,
             customers=sorted({e.customer_id for e in batch}),
             accounts=sorted({a for i in invited if (a := i.customer.account_id)}),
             contacts=sorted({c for i in invited if (c := _contact(i))}),
-            since=min(earliest - coalesce_window, now - rules_window),
+            since=self._history_since(batch, now),
             now=now,
         ):
-            if row.cancelled_at is not None:
-                continue  # nothing counts a cancelled invitation or cancels it again
             history.add(
                 _Pending(
                     row.invitation_id,
@@ -420,6 +413,25 @@ class EventHandler:
         for p in earlier:
             cancel(p)
         return outcome
+
+    def _history_since(self, batch: list[CloudEvent], now: datetime) -> dict[str, datetime]:
+        """How far back each fatigue key's history must reach: the longest window of the rules
+        counting on it, and for a rule counting deliveries or answers also the longest link
+        expiry (a survey is delivered and answered before its link expires, so one sent that
+        much before the window may still be counted in it); for the customers also the
+        coalescing windows back from the batch's earliest event. A key no rule counts is not
+        read (the customers' pending invitations are, for ``cancel_on``)."""
+        expiry = max((s.link_expiry for s in self.program.surveys), default=timedelta(0))
+        since: dict[str, datetime] = {}
+        for rule in self.program.fatigue.rules:
+            reach = rule.window + (expiry if rule.clock != "invited" else timedelta(0))
+            since[rule.key] = min(since.get(rule.key, now), now - reach)
+        coalesce = max(
+            (t.coalesce for t in self.program.triggers if t.coalesce), default=timedelta(0)
+        )
+        earliest = min((e.time or now) for e in batch)
+        since["customer"] = min(since.get("customer", now), earliest - coalesce)
+        return since
 
     async def _customer_states(
         self, session: AsyncSession, batch: list[CloudEvent], invited: list[InvitationRequested]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -108,7 +108,6 @@ HISTORY_COLUMNS = (
     Invitation.case_id,
     Invitation.send_at,
     Invitation.created_at,
-    Invitation.cancelled_at,
     Invitation.account_id,
     Invitation.contact,
     Invitation.channel,
@@ -124,26 +123,34 @@ async def recent_invitations(
     customers: Sequence[str],
     accounts: Sequence[str] = (),
     contacts: Sequence[str] = (),
-    since: datetime,
+    since: Mapping[str, datetime],
     now: datetime,
 ) -> list[AnyRow]:
-    """Invitations of these customers, accounts or contact points created (or to be sent) since
-    ``since``, or still pending: the history fatigue limits and coalescing look at."""
+    """The invitations not cancelled of these customers, accounts or contact points created
+    (or to be sent) since ``since[key]`` (for the keys "customer", "account" and "contact"; a
+    key without it is not read), or still pending: the history fatigue limits and coalescing
+    look at."""
     if not customers:
         return []
-    recent = or_(
-        Invitation.created_at >= since,
-        Invitation.send_at >= since,
-        Invitation.send_at > now,
-    )
+    keys = [
+        ("customer", Invitation.customer_id, customers),
+        ("account", Invitation.account_id, accounts),
+        ("contact", Invitation.contact, contacts),
+    ]
     # One SELECT per key, so each is a join of the values against that key's index (an OR of
     # the three would scan the table), and their UNION (an invitation may match several).
-    keys = [(Invitation.customer_id, customers), (Invitation.account_id, accounts)]
-    keys.append((Invitation.contact, contacts))
     selects = [
-        select(*HISTORY_COLUMNS).where(one_of(session, column, values), recent)
-        for column, values in keys
-        if values
+        select(*HISTORY_COLUMNS).where(
+            one_of(session, column, values),
+            Invitation.cancelled_at.is_(None),
+            or_(
+                Invitation.created_at >= since[key],
+                Invitation.send_at >= since[key],
+                Invitation.send_at > now,
+            ),
+        )
+        for key, column, values in keys
+        if values and key in since
     ]
     stmt = union(*selects).order_by("created_at")
     return list((await session.execute(stmt)).all())
