@@ -151,26 +151,40 @@ def check(
     """Allow, drop or defer ``candidate`` given the customer's (and account's) history."""
     if ignore:
         return Verdict("allow", candidate.send_at)
-    rules = [r for r in fatigue.rules if _applies(r, candidate)]
-    counted = {r.id: counted_times(r, candidate, history) for r in rules}
-    at = candidate.send_at
-    biting = [r for r in rules if bites(r, counted[r.id], at)]
+    return _verdict(_counted(fatigue, candidate, history), candidate.send_at)
+
+
+Counted = list[tuple[FatigueRule, list[datetime]]]
+
+
+def _counted(fatigue: Fatigue, candidate: Candidate, history: Sequence[Touched]) -> Counted:
+    """The rules that apply to ``candidate``, each with the times it counts (which do not
+    depend on when the candidate is sent)."""
+    return [
+        (r, counted_times(r, candidate, history)) for r in fatigue.rules if _applies(r, candidate)
+    ]
+
+
+def _verdict(counted: Counted, at: datetime) -> Verdict:
+    """``check`` of a send at ``at``, over the rules' counted times."""
+    biting = [(r, times) for r, times in counted if bites(r, times, at)]
     if not biting:
         return Verdict("allow", at)
-    strictest = next((r for r in biting if r.action == "drop"), None)
+    first, first_times = biting[0]
+    strictest = next(((r, times) for r, times in biting if r.action == "drop"), None)
     if strictest is not None:
-        times = counted[strictest.id]
-        release = min(_release_times(strictest, times, at), default=None)
-        return Verdict("drop", None, strictest.id, release, _seen(strictest, times, at))
+        rule, times = strictest
+        release = min(_release_times(rule, times, at), default=None)
+        return Verdict("drop", None, rule.id, release, _seen(rule, times, at))
     # Defer to the first moment no rule bites: a window releases a survey at time + window.
-    moments = sorted({m for r in rules for m in _release_times(r, counted[r.id], at)})
+    moments = sorted({m for r, times in counted for m in _release_times(r, times, at)})
     for moment in moments:
-        if not any(bites(r, counted[r.id], moment) for r in rules):
-            first = biting[0]
-            seen = _seen(first, counted[first.id], at)
-            return Verdict("defer", moment, first.id, moment, seen, tuple(r.id for r in biting))
-    first = biting[0]  # unreachable with finite history; dropped to be safe
-    return Verdict("drop", None, first.id, None, _seen(first, counted[first.id], at))
+        if not any(bites(r, times, moment) for r, times in counted):
+            seen = _seen(first, first_times, at)
+            deferring = tuple(r.id for r, _ in biting)
+            return Verdict("defer", moment, first.id, moment, seen, deferring)
+    # unreachable with finite history; dropped to be safe
+    return Verdict("drop", None, first.id, None, _seen(first, first_times, at))
 
 
 def schedule(
@@ -189,9 +203,10 @@ def schedule(
     ``next_eligible_at`` then being when it would have gone."""
     at, deferred, deferring = candidate.send_at, None, set[str]()
     postponed = timedelta(0)
+    counted = [] if ignore else _counted(fatigue, candidate, history)
     for _ in range(16):
         at = allowed_from(fatigue, at, candidate.channel, zone)
-        verdict = check(fatigue, replace(candidate, send_at=at), history, ignore=ignore)
+        verdict = _verdict(counted, at)
         if verdict.action == "drop":
             return verdict
         if verdict.action == "allow":
@@ -202,10 +217,10 @@ def schedule(
         deferring.update(verdict.deferring)
     if deferred is None:
         return Verdict("allow", at)
-    exceeded = [r for r in fatigue.rules if r.id in deferring and postponed > r.defer_limit]
+    exceeded = [(r, t) for r, t in counted if r.id in deferring and postponed > r.defer_limit]
     if exceeded:
-        rule = min(exceeded, key=lambda r: r.defer_limit)
-        seen = _seen(rule, counted_times(rule, candidate, history), candidate.send_at)
+        rule, times = min(exceeded, key=lambda pair: pair[0].defer_limit)
+        seen = _seen(rule, times, candidate.send_at)
         return Verdict("drop", None, rule.id, at, {**seen, "max_defer": str(rule.defer_limit)})
     return replace(deferred, send_at=at, next_eligible_at=at)
 
