@@ -5,15 +5,13 @@ invitations count for nothing. The handler on PostgreSQL and SQLite, with a cloc
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.common.db import unit_of_work
 from services.common.events import CloudEvent, InvitationRequested, ResponseSubmitted
 from services.common.kafka import Incoming
 from services.common.program import parse_program
@@ -21,7 +19,6 @@ from services.common.tokens import LinkKeys
 from services.trigger import repository
 from services.trigger.feedback import ResponseHandler
 from services.trigger.handlers import EventHandler
-from services.trigger.models import Base
 
 START = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 # One survey a month per customer, counted from the answer; links live 14 days.
@@ -38,14 +35,6 @@ fatigue:
        window: 30d, limit: 1, action: drop}
 """
 )
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 def delivered(customer: str, at: datetime) -> CloudEvent:
