@@ -24,8 +24,11 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI
 from pydantic import SecretStr
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common.config import DatabaseSettings, HttpSettings, KafkaSettings, LinkSettings
+from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.common.events import Customer, InvitationRequested, Metric
 from services.common.program import Program
 from services.common.settings import CommonSettings
@@ -205,3 +208,17 @@ def run_migration_step(connection: Any, service: str, revision_file: str, step: 
     spec.loader.exec_module(module)
     with Operations.context(MigrationContext.configure(connection)):
         getattr(module, step)()
+
+
+@asynccontextmanager
+async def service_tables(
+    database: DatabaseSettings, metadata: MetaData
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Sessions on a service's tables, created in the test's database (a PostgreSQL schema or
+    a SQLite file): what each service's ``sessions`` fixture yields."""
+    engine = create_engine(database)
+    await create_tables(engine, metadata, database.schema_name)
+    try:
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()

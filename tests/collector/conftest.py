@@ -9,13 +9,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.collector.models import Base
 from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables
+from tests.support import service_tables
 
 
 @pytest.fixture
 async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """The collector's tables in the test's database (PostgreSQL schema or SQLite file)."""
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
+    async with service_tables(database, Base.metadata) as sessions:
+        yield sessions

@@ -3,22 +3,20 @@ back-off one step longer than the last, then fails for good (PostgreSQL and SQLi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.common.db import unit_of_work
 from services.common.kafka import Incoming, Outgoing
 from services.common.program import load_program
 from services.dispatcher.channels import SendResult
 from services.dispatcher.config import DispatcherSettings
 from services.dispatcher.handlers import InvitationHandler
-from services.dispatcher.models import Base, Send
+from services.dispatcher.models import Send
 from services.dispatcher.rendering import Renderer
 from services.dispatcher.scheduler import Scheduler
 from tests.conftest import ROOT
@@ -48,14 +46,6 @@ class Published:
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         self.messages.extend(messages)
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 async def test_transient_failures_are_tried_max_attempts_times(

@@ -5,17 +5,14 @@ stay as salted hashes that the checks at the moment of sending still match."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables, unit_of_work
+from services.common.db import unit_of_work
 from services.common.erasure import contact_hash, customer_hash
 from services.common.events import CustomerErased, InvitationCancelled, OptOutRecorded
 from services.common.kafka import Incoming
@@ -30,14 +27,6 @@ SALT = SecretStr("test-salt")
 CUSTOMER = "zz-erasure-customer"
 EMAIL = f"{CUSTOMER}@example.com"
 SECOND = "zz-second-address@example.org"
-
-
-@pytest.fixture
-async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
 
 
 async def handle(sessions: async_sessionmaker[AsyncSession], handler: Any, *messages: Any) -> None:

@@ -1,3 +1,5 @@
+"""Fixtures of the trigger's tests."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -6,14 +8,12 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common.config import DatabaseSettings
-from services.common.db import create_engine, create_sessionmaker, create_tables
 from services.trigger.models import Base
+from tests.support import service_tables
 
 
 @pytest.fixture
 async def sessions(database: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """The trigger's tables in the test's database (PostgreSQL or SQLite)."""
-    engine = create_engine(database)
-    await create_tables(engine, Base.metadata, database.schema_name)
-    yield create_sessionmaker(engine)
-    await engine.dispose()
+    """The trigger's tables in the test's database (PostgreSQL schema or SQLite file)."""
+    async with service_tables(database, Base.metadata) as sessions:
+        yield sessions
