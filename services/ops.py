@@ -55,7 +55,7 @@ from pydantic import ValidationError
 
 from services.common import events
 from services.common.config import KafkaSettings
-from services.common.kafka import DLQ_HEADER_PREFIX, _client_kwargs
+from services.common.kafka import DLQ_HEADER_PREFIX, _client_kwargs, retention_ms
 
 # On a replayed message: the dead letter it is a copy of.
 REPLAYED_FROM = "kaiku-replayed-from"
@@ -177,7 +177,7 @@ def topic_specs(settings: KafkaSettings) -> list[TopicSpec]:
             settings.topic(name),
             settings.partitions,
             settings.replication_factor,
-            settings.dlq_retention_ms if name == events.DLQ else settings.retention_ms,
+            retention_ms(settings, name),
             "KAIKU_KAFKA_DLQ_RETENTION_MS" if name == events.DLQ else "KAIKU_KAFKA_RETENTION_MS",
         )
         for name in events.ALL_TOPICS

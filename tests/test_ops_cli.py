@@ -16,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from services.cli import main
 from services.common import events
 from services.common.config import DatabaseSettings, KafkaSettings
+from services.common.kafka import ensure_topics
 from services.common.program import Program
 from services.common.settings import CommonSettings
 from services.embedded import free_port
@@ -188,6 +189,25 @@ def test_topics_create_twice_creates_once_and_never_changes_a_topic(
         kafka.topic(events.OPTOUTS): (1, None),  # as it was made: kaiku left it alone
         kafka.topic(events.DLQ): (3, 2 * HOUR_MS),
     }
+
+
+def test_topics_the_services_create_have_the_retention_settings(
+    env: KafkaSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service that starts first creates the topics itself (``ensure_topics``): with the same
+    partitions and retention as ``kaiku topics create``, which then finds nothing different."""
+    kafka = env.model_copy(
+        update={"partitions": 3, "retention_ms": HOUR_MS, "dlq_retention_ms": 2 * HOUR_MS}
+    )
+    asyncio.run(ensure_topics(kafka))
+    assert asyncio.run(_topics(kafka)) == {
+        **{kafka.topic(n): (3, HOUR_MS) for n in events.ALL_TOPICS if n != events.DLQ},
+        kafka.topic(events.DLQ): (3, 2 * HOUR_MS),
+    }
+    code, out, err = kaiku(capsys, "topics", "create")
+    assert code == 0, err
+    assert out.count(": exists (3 partitions, replication factor 1, retention 1h)") == 5, out
+    assert "differs" not in out
 
 
 def test_a_dead_letter_is_listed_without_contact_details_and_replayed_once(

@@ -188,16 +188,32 @@ def _client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
     return kwargs
 
 
+def retention_ms(settings: KafkaSettings, name: str) -> int:
+    """The ``retention.ms`` a topic of kaiku is created with (``name`` without the prefix)."""
+    return settings.dlq_retention_ms if name == events.DLQ else settings.retention_ms
+
+
 async def ensure_topics(settings: KafkaSettings, names: Sequence[str] = events.ALL_TOPICS) -> None:
-    """Create the topics that are missing (idempotent)."""
+    """Create the topics that are missing (idempotent), with the settings' partitions,
+    replication factor and retention (as ``kaiku topics create`` does); an existing topic is
+    left as it is."""
     admin = AIOKafkaAdminClient(**_client_kwargs(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [settings.topic(n) for n in names if settings.topic(n) not in existing]
-        if not wanted:
+        missing = [n for n in names if settings.topic(n) not in existing]
+        if not missing:
             return
-        new = [NewTopic(t, settings.partitions, settings.replication_factor) for t in wanted]
+        wanted = [settings.topic(n) for n in missing]
+        new = [
+            NewTopic(
+                settings.topic(n),
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs={"retention.ms": str(retention_ms(settings, n))},
+            )
+            for n in missing
+        ]
         try:
             await admin.create_topics(new)
         except TopicAlreadyExistsError:  # another replica won the race
