@@ -985,20 +985,6 @@ def in_index_order(q: CellQuery) -> bool:
     return grouping is not None and _aligned(q) and set(grouping) == set(q.segments)
 
 
-def _by_groups(q: CellQuery) -> bool:
-    """Whether ``q`` reads the roll-ups' month rows by group: without a period over whole
-    months, from a set of exactly the segments, each group's months are together in the month
-    rows' index by group (``models._groups_index``), whose counts a read takes from it alone."""
-    grouping = rollup_set(q)
-    grains = {grain for grain, _, _ in rollup_ranges(q)}
-    return (
-        grouping is not None
-        and q.period == "none"
-        and grains == {"month"}
-        and set(grouping) == set(q.segments)
-    )
-
-
 def _rollup_query(
     session: AsyncSession,
     model: type[ScoreRollup] | type[DeliveryRollup],
@@ -1041,7 +1027,10 @@ def _rollup_query(
         *(getattr(model, c) == "" for c in SEGMENTS if c not in grouping),
     ]
     unique = in_index_order(q)
-    by_groups = _by_groups(q)
+    # Without a period over whole months, from a set of exactly the segments: each group's
+    # months are together in the month rows' index by group (``models._groups_index``).
+    by_groups = not unique and q.period == "none" and grains == {"month"}
+    by_groups = by_groups and set(grouping) == set(q.segments)
     if unique or by_groups:
         # The range as one row value over the index's columns from the bucket on (the primary
         # key's) or from the segments on (by group); the survey, grain and set are the same in
@@ -1333,14 +1322,7 @@ async def _by_periods(
 async def _counts(
     session: AsyncSession, q: CellQuery, r: KeyRange
 ) -> list[tuple[CellGroup, ReadCounts]]:
-    """``cell_counts`` in one statement. On PostgreSQL, index-only scans are allowed for a
-    statement that reads month rows by group and for no other: the planner would otherwise
-    read a month of a set by period from the index by group too (its counts are there), every
-    month of the set to find one (June by account and agent: 0.47 → 1.2 s)."""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        by_groups = any(rollups and _by_groups(part) for part, rollups in sources(q))
-        allowed = "on" if by_groups else "off"
-        await session.execute(text(f"SET LOCAL enable_indexonlyscan = {allowed}"))
+    """``cell_counts`` in one statement."""
     both = union_all(*_count_selects(session, q, r)).subquery()
     width = 1 + (q.period != "none") + len(q.segments)
     keys = [both.c[f"k{i}"] for i in range(width)]
