@@ -15,7 +15,6 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
-    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -235,34 +234,6 @@ class RollupKey:
     account_id: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-12)
 
 
-def _groups_index(table: str, counts: tuple[str, ...]) -> Index:
-    """The month rows of a roll-up in the order of their groups, each group's months together,
-    with their counts (on PostgreSQL): a report without a period over whole months reads a
-    page of groups as one range of the index alone, each group's months summed as they come
-    (by the primary key, whose months come first, it read each month apart, a heap page per
-    row, and sorted them together). Month rows only: the day and week grains are read by
-    period. The counts make it about 60 per cent of the table's size, and no update of a month
-    row a HOT update (docs/scores.md)."""
-    month = text("grain = 'month'")
-    columns = ("survey_id", "dim", "touchpoint", "channel", "team", "agent", "account_id", "bucket")
-    return Index(
-        f"ix_{table}_groups",
-        *columns,
-        postgresql_where=month,
-        postgresql_include=list(counts),
-        sqlite_where=month,
-    )
-
-
-SCORE_COUNTS = (
-    "no_score",
-    *(f"score_{s}" for s in range(11)),
-    "bots",
-    "alerted",
-    "contacted",
-)
-
-
 class ScoreRollup(RollupKey, Base):
     """``collector_score_cells`` summed per grouping set and per day, week or month, one row per
     key with a column per score: what ``/v1/scores`` reads when a grouping set covers its
@@ -274,7 +245,6 @@ class ScoreRollup(RollupKey, Base):
     ``alerted`` and ``contacted`` are the cells' alert counts (persons and bots alike)."""
 
     __tablename__ = "collector_score_rollups"
-    __table_args__ = (_groups_index(__tablename__, SCORE_COUNTS),)
 
     no_score: Mapped[int] = _count()
     score_0: Mapped[int] = _count()
@@ -297,7 +267,6 @@ class DeliveryRollup(RollupKey, Base):
     """``collector_delivery_cells`` summed like ``collector_score_rollups``."""
 
     __tablename__ = "collector_delivery_rollups"
-    __table_args__ = (_groups_index(__tablename__, ("n",)),)
 
     n: Mapped[int] = _count(BigInteger().with_variant(Integer, "sqlite"))
 

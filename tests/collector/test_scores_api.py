@@ -499,7 +499,7 @@ async def test_grouped_rows_equal_a_recount_of_the_answers(
 @pytest.mark.parametrize(
     ("period", "since", "until", "segments"),
     [
-        # Whole months without a period: one range of the month rows by group (their index).
+        # Whole months without a period: read month by month (a range of the index each).
         ("none", date(2026, 1, 1), date(2026, 4, 1), ("team",)),
         ("none", date(2026, 2, 1), date(2026, 4, 1), ("channel", "account_id")),
         # Whole weeks: a range of the week roll-ups' index.
