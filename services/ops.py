@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -55,7 +55,7 @@ from pydantic import ValidationError
 
 from services.common import events
 from services.common.config import KafkaSettings
-from services.common.kafka import DLQ_HEADER_PREFIX, _client_kwargs, retention_ms
+from services.common.kafka import DLQ_HEADER_PREFIX, _client_kwargs, new_topic, retention_ms
 
 # On a replayed message: the dead letter it is a copy of.
 REPLAYED_FROM = "kaiku-replayed-from"
@@ -158,6 +158,7 @@ def human_ms(ms: int) -> str:
 class TopicSpec:
     """A topic as the settings want it."""
 
+    kind: str  # the topic without the prefix (``events.EVENTS`` …)
     name: str
     partitions: int
     replication_factor: int
@@ -174,6 +175,7 @@ class TopicSpec:
 def topic_specs(settings: KafkaSettings) -> list[TopicSpec]:
     return [
         TopicSpec(
+            name,
             settings.topic(name),
             settings.partitions,
             settings.replication_factor,
@@ -316,17 +318,7 @@ async def create_topics(settings: KafkaSettings, *, dry_run: bool) -> list[Topic
         if dry_run or not missing:
             outcomes.update({s.name: TopicOutcome(s, "create") for s in missing})
         else:
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        s.name,
-                        s.partitions,
-                        s.replication_factor,
-                        topic_configs={"retention.ms": str(s.retention_ms)},
-                    )
-                    for s in missing
-                ]
-            )
+            response = await admin.create_topics([new_topic(settings, s.kind) for s in missing])
             codes = {t[0]: (t[1], t[2] if len(t) > 2 else None) for t in response.topic_errors}
             raced = []
             for s in missing:

@@ -193,6 +193,17 @@ def retention_ms(settings: KafkaSettings, name: str) -> int:
     return settings.dlq_retention_ms if name == events.DLQ else settings.retention_ms
 
 
+def new_topic(settings: KafkaSettings, name: str) -> NewTopic:
+    """How kaiku creates topic ``name`` (without the prefix), at start (``ensure_topics``) and by
+    ``kaiku topics create``: the settings' partitions, replication factor and retention."""
+    return NewTopic(
+        settings.topic(name),
+        settings.partitions,
+        settings.replication_factor,
+        topic_configs={"retention.ms": str(retention_ms(settings, name))},
+    )
+
+
 async def ensure_topics(settings: KafkaSettings, names: Sequence[str] = events.ALL_TOPICS) -> None:
     """Create the topics that are missing (idempotent), with the settings' partitions,
     replication factor and retention (as ``kaiku topics create`` does); an existing topic is
@@ -201,24 +212,14 @@ async def ensure_topics(settings: KafkaSettings, names: Sequence[str] = events.A
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [n for n in names if settings.topic(n) not in existing]
-        if not missing:
+        new = [new_topic(settings, n) for n in names if settings.topic(n) not in existing]
+        if not new:
             return
-        wanted = [settings.topic(n) for n in missing]
-        new = [
-            NewTopic(
-                settings.topic(n),
-                settings.partitions,
-                settings.replication_factor,
-                topic_configs={"retention.ms": str(retention_ms(settings, n))},
-            )
-            for n in missing
-        ]
         try:
             await admin.create_topics(new)
         except TopicAlreadyExistsError:  # another replica won the race
             pass
-        log.info("created topics %s", ", ".join(wanted))
+        log.info("created topics %s", ", ".join(t.name for t in new))
     finally:
         await admin.close()
 
