@@ -596,6 +596,18 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
         # cells and January to March from the roll-ups.
         quarter = ("none", "2025-04-01", "2025-07-01")
         add("quarter_by_account_team", await timed(scores("account,team", *quarter)))
+        # Without a period over more months: the year by account and agent (twelve months of
+        # the month roll-ups), January 15 to December 15 by account and team (the days at the
+        # ends from the cells), the quarter by account, touchpoint and agent (no roll-up: the
+        # full cells of three months).
+        year = ("none", "2025-01-01", "2026-01-01")
+        add("year_by_account_agent", await timed(scores("account,agent", *year)))
+        partial = ("none", "2025-01-15", "2025-12-15")
+        add("partial_months_by_account_team", await timed(scores("account,team", *partial)))
+        add(
+            "quarter_by_account_touchpoint_agent_cells",
+            await timed(scores("account,touchpoint,agent", *quarter), runs=3),
+        )
         # No roll-up: the full cells (about as many cells as answers), for contrast.
         add(
             "june_by_account_touchpoint_agent_cells",

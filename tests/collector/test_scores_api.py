@@ -19,7 +19,7 @@ import pytest
 import yaml
 from fastapi import FastAPI
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from services.collector import alerting, api, cursors, erasure, repository, responses, scoring
 from services.collector.config import local_day
@@ -545,6 +545,41 @@ async def test_a_range_of_groups_is_the_same_groups_of_the_whole_read(
         r = repository.KeyRange(whole[i][0], True, whole[j][0])
         assert whole[i][0][2][0] != whole[j][0][2][0] or len(segments) == 1
         assert await repository.cell_counts(session, q, r) == whole[i : j + 1]
+
+
+async def test_a_page_read_month_by_month_skips_rows_that_came_down_to_nothing(
+    stack: Stack,
+) -> None:
+    """A page without a period over whole months is read up to the group its months' first
+    keys reach (``_page_end``); roll-up rows whose answers and deliveries all moved away are
+    among those keys but are no group: the page still holds as many groups as it may, the
+    ones after them too."""
+    await fill(stack, 600, seed=5)
+    survey = stack.program.surveys[0].id
+    q = repository.CellQuery((survey,), date(2026, 1, 1), date(2026, 4, 1), "none", ("agent",))
+    async with unit_of_work(stack.sessions) as session:
+        before = await repository.cell_counts(session, q)
+        assert len(before) >= 9
+        # The first three agents' month rows come down to nothing, as when every answer and
+        # delivery of theirs moved to another agent.
+        gone = [g[2][0] for g, _ in before[:3]]
+        month_rows = {"survey_id": survey, "grain": "month", "dim": "agent"}
+        for model in (ScoreRollup, DeliveryRollup):
+            key = set(model.__table__.primary_key.columns.keys())
+            counts = {c.name: 0 for c in model.__table__.c if c.name not in key}
+            await session.execute(
+                update(model)
+                .where(*(getattr(model, k) == v for k, v in month_rows.items()))
+                .where(model.agent.in_(gone))
+                .values(counts)
+            )
+        whole = await repository.cell_counts(session, q)
+        assert whole == before[3:]
+        for limit in (1, 4, 5):
+            r = repository.KeyRange(None, False, None, limit)
+            assert await repository.cell_counts(session, q, r) == whole[:limit], limit
+            r = repository.KeyRange(before[1][0], False, None, limit)
+            assert await repository.cell_counts(session, q, r) == whole[:limit], limit
 
 
 async def test_cells_equal_a_recount_and_rollups_equal_the_cells(stack: Stack) -> None:
