@@ -1183,7 +1183,6 @@ def _source_selects(
     (``keep_period`` False: a month read of a report without a period)."""
     zero: ColumnElement[int] = literal_column("0", Integer())
     answers: list[Any]
-    fence = False
     if rollups:
         keys, where, unique = _rollup_query(session, ScoreRollup, q, r)
         answers = [getattr(ScoreRollup, c) for c in _SUMS[:-1]]
@@ -1210,12 +1209,6 @@ def _source_selects(
         where = _cell_where(ScoreCell, q, each_day=bool(lead)) + lead
         dkeys = _cell_keys(session, DeliveryCell, q)
         dwhere = _cell_where(DeliveryCell, q, each_day=bool(lead)) + _leading(DeliveryCell, q, r)
-        # The range of groups is applied to the sums (below), not to the cells: in WHERE,
-        # PostgreSQL would take its row value for a bound of the index scan on the row's first
-        # column (the survey), beside that column's own condition, and then no longer end each
-        # day's scan at the leading segments' bounds (a quarter's previous period: 18,700
-        # index pages instead of about 4,000).
-        fence = r.start is not None or r.end is not None
         delivered = DeliveryCell.n
     # Read in the order of the keys (on a roll-up read by month or day, that of the index);
     # a month read of a report without a period orders by the month too (the index's order,
@@ -1246,13 +1239,19 @@ def _source_selects(
             out[0].group_by(*keys).having(anything > 0),
             out[1].group_by(*dkeys).having(delivered > 0),
         ]
-    if fence:
-        # Behind OFFSET 0, which PostgreSQL does not push conditions through (a HAVING on the
-        # group keys alone it would move to WHERE).
+    if not rollups and (r.start is not None or r.end is not None):
+        # The cells' range of groups is applied to their sums, behind OFFSET 0 (PostgreSQL
+        # pushes no condition through it; a HAVING on the group keys alone it would move to
+        # WHERE). In WHERE, PostgreSQL would take the row value for a bound of the index scan
+        # on its first column (the survey), beside that column's own condition, and then no
+        # longer end each day's scan at the leading segments' bounds (a quarter's previous
+        # period: 18,700 index pages instead of about 4,000).
         fenced = [part.offset(0).subquery() for part in out]
-        out = [select(part).where(*_in_range(list(part.c)[: len(keys)], r)) for part in fenced]
-        order = list(fenced[0].c)[: len(keys)]
-        dorder = list(fenced[1].c)[: len(dkeys)]
+        order, dorder = (list(part.c)[: len(keys)] for part in fenced)
+        out = [
+            select(fenced[0]).where(*_in_range(order, r)),
+            select(fenced[1]).where(*_in_range(dorder, r)),
+        ]
     if r.limit is not None:
         out = [
             select(part.order_by(*by).limit(r.limit).subquery())
@@ -1433,7 +1432,8 @@ async def _by_periods(
 async def _counts(
     session: AsyncSession, q: CellQuery, r: KeyRange
 ) -> list[tuple[CellGroup, ReadCounts]]:
-    """``cell_counts`` in one statement; a page read month by month in two (``_page_end``)."""
+    """``cell_counts`` in one statement; a page read month by month in two, its last group
+    first (``_page_end``), and a third if the page came out short."""
     if r.limit is not None and r.end is None:
         end = await _page_end(session, q, r)
         if end is not None:
