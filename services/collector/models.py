@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -234,6 +235,42 @@ class RollupKey:
     account_id: Mapped[str] = mapped_column(String(200), primary_key=True, sort_order=-12)
 
 
+# The grouping sets kept at the month grain only (``repository.MONTH_SETS``, which is built
+# from these): the account with other segments, many rows per month.
+MONTH_SET_DIMS = (
+    "account_id,touchpoint",
+    "account_id,channel",
+    "account_id,team",
+    "account_id,agent",
+    "account_id,touchpoint,channel",
+    "account_id,team,agent",
+)
+
+
+def month_sets_index(table: str, counts: list[str]) -> Index:
+    """An index of the month rows of ``MONTH_SET_DIMS`` holding their counts too, on
+    PostgreSQL (migration 0007): a read of such a row is then an index-only scan, where from the
+    primary key each row cost a table page (its rows were written over the month among every
+    other set's: one page per row). Its key is the primary key's but the grain (one value in
+    it: a key column without a condition would stop the scan's bounds at it); the predicate's
+    list is a constant array (PostgreSQL proves ``dim = '…'`` implies it; not a cast list)."""
+    dims = ",".join(f'"{d}"' for d in MONTH_SET_DIMS)
+    where = text(f"grain = 'month' AND dim::text = ANY ('{{{dims}}}'::text[])")
+    return Index(
+        f"ix_{table}_month_sets",
+        "survey_id",
+        "dim",
+        "bucket",
+        "touchpoint",
+        "channel",
+        "team",
+        "agent",
+        "account_id",
+        postgresql_include=counts,
+        postgresql_where=where,
+    ).ddl_if(dialect="postgresql")
+
+
 class ScoreRollup(RollupKey, Base):
     """``collector_score_cells`` summed per grouping set and per day, week or month, one row per
     key with a column per score: what ``/v1/scores`` reads when a grouping set covers its
@@ -245,6 +282,12 @@ class ScoreRollup(RollupKey, Base):
     ``alerted`` and ``contacted`` are the cells' alert counts (persons and bots alike)."""
 
     __tablename__ = "collector_score_rollups"
+    __table_args__ = (
+        month_sets_index(
+            "collector_score_rollups",
+            ["no_score", *(f"score_{s}" for s in range(11)), "bots", "alerted", "contacted"],
+        ),
+    )
 
     no_score: Mapped[int] = _count()
     score_0: Mapped[int] = _count()
@@ -267,6 +310,7 @@ class DeliveryRollup(RollupKey, Base):
     """``collector_delivery_cells`` summed like ``collector_score_rollups``."""
 
     __tablename__ = "collector_delivery_rollups"
+    __table_args__ = (month_sets_index("collector_delivery_rollups", ["n"]),)
 
     n: Mapped[int] = _count(BigInteger().with_variant(Integer, "sqlite"))
 

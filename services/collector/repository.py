@@ -41,6 +41,7 @@ from services.collector.models import (
     DeliveryCell,
     DeliveryRollup,
     EarlyDelivery,
+    MONTH_SET_DIMS,
     Erasure,
     Hit,
     Invitation,
@@ -127,14 +128,8 @@ ROLLUP_SETS: tuple[tuple[str, ...], ...] = (
 # months, that groups by the account and those segments: each group one row, so a page of
 # such a report is a range of the primary key (migrations 0002, 0003 and 0005 filled them
 # from the cells).
-MONTH_SETS: tuple[tuple[str, ...], ...] = (
-    ("account_id", "touchpoint"),
-    ("account_id", "channel"),
-    ("account_id", "team"),
-    ("account_id", "agent"),
-    ("account_id", "touchpoint", "channel"),
-    ("account_id", "team", "agent"),
-)
+# ``models.MONTH_SET_DIMS`` (an index of the roll-ups holds their month rows' counts).
+MONTH_SETS: tuple[tuple[str, ...], ...] = tuple(tuple(d.split(",")) for d in MONTH_SET_DIMS)
 # Every grouping set each grain keeps. The week grain (migration 0004) answers a report by
 # week with a row per group and week, as the month grain does by month: a page of it is a range
 # of the primary key, where from the days it summed seven rows per group.
@@ -1025,10 +1020,15 @@ def _rollup_query(
     spans = []
     for grain, first, end in ranges:
         span: list[ColumnElement[bool]] = [model.grain == grain]
-        if first is not None:
-            span.append(model.bucket >= first)
-        if end is not None:
-            span.append(model.bucket < end)
+        if first is not None and end is not None and step(first, grain) == end:
+            # One bucket: equal to it, so the index scan ends at the bounds of the later key
+            # columns too (a range of buckets would end only at the range's end).
+            span.append(model.bucket == first)
+        else:
+            if first is not None:
+                span.append(model.bucket >= first)
+            if end is not None:
+                span.append(model.bucket < end)
         spans.append(and_(*span))
     where = [
         model.survey_id.in_(q.surveys),

@@ -66,6 +66,18 @@ def config(service: str, connection: Connection | None = None) -> Config:
     return cfg
 
 
+def for_dialect(dialect: str) -> Any:
+    """An ``include_object`` for Alembic's comparisons: leaves out a model's object that is
+    created on another dialect only (``ddl_if(dialect=...)``, which Alembic does not read),
+    such as the collector's PostgreSQL-only covering index."""
+
+    def include(obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any) -> bool:
+        only = getattr(obj, "_ddl_if", None)
+        return reflected or only is None or only.dialect in (None, dialect)
+
+    return include
+
+
 def configure_context(context: Any, service: str, connection: Connection) -> None:
     """What every service's ``env.py`` does: migrate ``connection`` (the search path already
     points at the service's schema) against the service's models."""
@@ -76,6 +88,7 @@ def configure_context(context: Any, service: str, connection: Connection) -> Non
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
         compare_server_default=True,
+        include_object=for_dialect(connection.dialect.name),
     )
 
 

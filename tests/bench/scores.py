@@ -58,7 +58,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy import Table, event, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from services.collector import api
@@ -248,21 +248,9 @@ async def timed(run: Callable[[], Awaitable[object]], runs: int = RUNS) -> float
 async def fill_answers(engine: AsyncEngine, answers: int) -> None:
     started = time.perf_counter()
     async with engine.begin() as conn:
-        # Load first, index afterwards: much faster than maintaining the indexes row by row.
-        indexes = (
-            await conn.execute(
-                text(
-                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = "
-                    "'collector_responses' AND schemaname = current_schema() "
-                    "AND indexdef NOT LIKE 'CREATE UNIQUE%'"
-                )
-            )
-        ).all()
-        await conn.execute(text(f"SET LOCAL maintenance_work_mem = '{FILL_WORK_MEM}'"))
-        for name, _ in indexes:
-            await conn.execute(text(f'DROP INDEX "{name}"'))
+        indexes = await drop_indexes(conn, ["collector_responses"])
         await conn.execute(text(FILL_ANSWERS), {"n": answers})
-        for _, definition in indexes:
+        for definition in indexes:
             await conn.execute(text(definition))
     await vacuum(engine, ["collector_responses"])
     print(
@@ -271,11 +259,31 @@ async def fill_answers(engine: AsyncEngine, answers: int) -> None:
     )
 
 
+async def drop_indexes(conn: AsyncConnection, tables: list[str]) -> list[str]:
+    """Drop the tables' indexes but the unique ones (the primary keys, which the fills' upserts
+    need), for a load: loading first and indexing afterwards is much faster than maintaining
+    the indexes row by row. Returns the statements that create them again."""
+    indexes = (
+        await conn.execute(
+            text(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(:tables) "
+                "AND schemaname = current_schema() AND indexdef NOT LIKE 'CREATE UNIQUE%'"
+            ),
+            {"tables": tables},
+        )
+    ).all()
+    await conn.execute(text(f"SET LOCAL maintenance_work_mem = '{FILL_WORK_MEM}'"))
+    for name, _ in indexes:
+        await conn.execute(text(f'DROP INDEX "{name}"'))
+    return [definition for _, definition in indexes]
+
+
 async def fill_counts(engine: AsyncEngine) -> None:
     """The cells and roll-ups from the answers, as the repository would have kept them."""
     started = time.perf_counter()
     async with engine.begin() as conn:
         await conn.execute(text(f"SET LOCAL work_mem = '{FILL_WORK_MEM}'"))
+        indexes = await drop_indexes(conn, [t for t, *_ in ROLLUPS])
         await conn.execute(text(FILL_SCORE_CELLS))
         await conn.execute(text(FILL_CONTACT_WAITS))
         await conn.execute(text(FILL_DELIVERY_CELLS))
@@ -310,6 +318,8 @@ async def fill_counts(engine: AsyncEngine) -> None:
         # week grain, from the days: what the migrations that introduced them fill in.
         for name in FILL_MIGRATIONS:
             await conn.run_sync(run_migration_step, "collector", name, "upgrade")
+        for definition in indexes:
+            await conn.execute(text(definition))
     await vacuum(engine, [t for t in Base.metadata.tables if t != "collector_responses"])
     print(
         f"scores bench: cells and roll-ups filled in {time.perf_counter() - started:.0f} s",

@@ -31,6 +31,7 @@ def _schema_of(connection: Connection, service: str) -> dict[str, Any]:
             "version_table": migrations.version_table(service),
             "compare_type": True,
             "compare_server_default": True,
+            "include_object": migrations.for_dialect(connection.dialect.name),
         },
     )
     return {
