@@ -36,12 +36,12 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import (
+    MONTH_SET_DIMS,
     AlertDelivery,
     ContactWait,
     DeliveryCell,
     DeliveryRollup,
     EarlyDelivery,
-    MONTH_SET_DIMS,
     Erasure,
     Hit,
     Invitation,
@@ -775,6 +775,8 @@ class CellQuery:
     segments: tuple[str, ...] = ()
 
 
+# Segments, each with values (``KeyRange.listed``).
+Listed = tuple[tuple[str, tuple[str, ...]], ...]
 # (survey_id, period start or None, segment values ("" for none), ...)
 CellGroup = tuple[str, date | None, tuple[str, ...]]
 
@@ -792,6 +794,10 @@ class KeyRange:
     # The groups whose first segments (of the order) are from the first of these values to
     # the second, inclusive (``_by_leading``: they differ in their last value alone).
     lead: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    # Values of the segments that come between the day and the last of ``lead``'s segments
+    # in the cells' primary key, each a superset of the values the read's days hold
+    # (``_cell_where``).
+    listed: Listed = ()
 
 
 EVERY = KeyRange()
@@ -878,18 +884,30 @@ def _cell_keys(session: AsyncSession, model: Any, q: CellQuery) -> list[Any]:
 MAX_LISTED_DAYS = 732
 
 
-def _cell_where(model: Any, q: CellQuery, each_day: bool = False) -> list[ColumnElement[bool]]:
+# At most this many scans of the cells' primary key a read lists (days x listed values).
+MAX_LISTED_SCANS = 20_000
+
+
+def _cell_where(
+    model: Any, q: CellQuery, each_day: bool = False, listed: Listed = ()
+) -> list[ColumnElement[bool]]:
     """The cells (or contact waits) of ``q``'s surveys and days. ``each_day``: the days as a
     list, not a range, when both ends are known (and not too far apart): a read bounded by its
     leading segments (``_leading``) then looks each day's rows of those values up in the
     primary key (survey, day, segments…) instead of reading every row of the days from the
     index — PostgreSQL 15 has no skip scan; each listed day is a scan of its own (a quarter of
-    one survey: 91 short scans instead of 19,000 index pages)."""
+    one survey: 91 short scans instead of 19,000 index pages). ``listed``: the same for the
+    segments between the day and a bounded one (the touchpoint and channel before the team),
+    each combination of a day and their values a scan (up to ``MAX_LISTED_SCANS``): the scans
+    then read only the bounded values' rows of the index too."""
     where: list[ColumnElement[bool]] = [model.survey_id.in_(q.surveys)]
     if each_day and q.since is not None and q.until is not None:
         days = (q.until - q.since).days
         if 0 < days <= MAX_LISTED_DAYS:
-            return [*where, model.day.in_([q.since + timedelta(days=i) for i in range(days)])]
+            where.append(model.day.in_([q.since + timedelta(days=i) for i in range(days)]))
+            if days * math.prod(len(values) for _, values in listed) <= MAX_LISTED_SCANS:
+                where += [getattr(model, column).in_(values) for column, values in listed]
+            return where
     if q.since is not None:
         where.append(model.day >= q.since)
     if q.until is not None:
@@ -1069,13 +1087,24 @@ def _rollup_query(
 
 
 async def plan_for_reports(session: AsyncSession) -> None:
-    """Before a report's reads, on PostgreSQL: no JIT compilation for the rest of the
-    transaction (``SET LOCAL jit = off``). The reads are index scans of a few thousand to tens
-    of thousands of roll-up rows, but the planner can overestimate them tenfold (the roll-ups
-    hold every grouping set in one table) and then spends more time compiling the query than
-    running it: 160 of 250 ms for the account by month over 10M answers."""
+    """Before a report's reads, on PostgreSQL, for the rest of the transaction:
+
+    - no JIT compilation (``jit = off``). The reads are index scans of a few thousand to tens
+      of thousands of roll-up rows, but the planner can overestimate them tenfold (the roll-ups
+      hold every grouping set in one table) and then spends more time compiling the query than
+      running it: 160 of 250 ms for the account by month over 10M answers;
+    - a plan for each statement's own values (``plan_cache_mode = force_custom_plan``): the
+      driver prepares statements, and after five runs PostgreSQL may keep a generic plan,
+      which cannot use the month sets' covering index (its predicate is proved from the
+      values) nor end a scan at their bounds: at 10M answers January 15 to December 15 by
+      account and team went from 0.83 s to 1.2 s after a few requests. Planning takes a few
+      milliseconds of reads that take hundreds;
+    - ``work_mem`` 32 MB: summing a page's rows (tens of thousands from the months and days)
+      otherwise spills to disk."""
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         await session.execute(text("SET LOCAL jit = off"))
+        await session.execute(text("SET LOCAL work_mem = '32MB'"))
+        await session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
 async def _rows(session: AsyncSession, stmt: Any) -> list[Any]:
@@ -1206,9 +1235,10 @@ def _source_selects(
         ]
         anything = ScoreCell.n
         lead = _leading(ScoreCell, q, r)
-        where = _cell_where(ScoreCell, q, each_day=bool(lead)) + lead
+        where = _cell_where(ScoreCell, q, bool(lead), r.listed) + lead
         dkeys = _cell_keys(session, DeliveryCell, q)
-        dwhere = _cell_where(DeliveryCell, q, each_day=bool(lead)) + _leading(DeliveryCell, q, r)
+        dlead = _leading(DeliveryCell, q, r)
+        dwhere = _cell_where(DeliveryCell, q, bool(dlead), r.listed) + dlead
         delivered = DeliveryCell.n
     # Read in the order of the keys (on a roll-up read by month or day, that of the index);
     # a month read of a report without a period orders by the month too (the index's order,
@@ -1217,9 +1247,11 @@ def _source_selects(
     if not keep_period:
         keys, dkeys = [keys[0], *keys[2:]], [dkeys[0], *dkeys[2:]]
     if not unique:
-        # Summed per group first: a group has many rows (every day, every other segment).
-        answers = [func.sum(c) for c in answers]
-        anything, delivered = func.sum(anything), func.sum(delivered)
+        # Summed per group first: a group has many rows (every day, every other segment). As
+        # BIGINT: PostgreSQL sums a BIGINT column (the cells' counts) into NUMERIC, which the
+        # report's sum over the sources would then add up as NUMERIC too, several times slower.
+        answers = [cast(func.sum(c), BigInteger) for c in answers]
+        anything, delivered = func.sum(anything), cast(func.sum(delivered), BigInteger)
     out = [
         select(
             *(k.label(f"k{i}") for i, k in enumerate(keys)),
@@ -1374,6 +1406,8 @@ async def _by_leading(
         (group[2], sum(counts[:13]) + counts[15])  # answers (bots too) and deliveries
         for group, counts in await _counts(session, one, KeyRange(start, True))
     ]
+    between = [c for c in SEGMENTS[: SEGMENTS.index(lead[-1])] if c not in lead]
+    listed = await _segment_values(session, q, between)
     out: list[tuple[CellGroup, ReadCounts]] = []
     rate, counted, i = 1.0, 0, 0
     while i < len(values) and len(out) < r.limit:
@@ -1386,13 +1420,33 @@ async def _by_leading(
         ):
             weight += values[j][1]
             j += 1
-        within = replace(r, limit=missing, lead=(values[i][0], values[j - 1][0]))
+        within = replace(r, limit=missing, lead=(values[i][0], values[j - 1][0]), listed=listed)
         found = await _counts(session, q, within)
         out += found
         counted += weight
         rate = len(out) / counted if out and counted else rate / 2
         i = j
     return out
+
+
+async def _segment_values(session: AsyncSession, q: CellQuery, columns: list[str]) -> Listed:
+    """Each of ``columns`` with the values its month roll-ups hold (answers or deliveries) over
+    the months of ``q``'s days: a superset of the values of its cells in those days (a few
+    rows per value and month)."""
+    if not columns or q.since is None or q.until is None:
+        return ()
+    found: dict[str, set[str]] = {column: set() for column in columns}
+    for model in (ScoreRollup, DeliveryRollup):
+        stmt = select(model.dim, *(getattr(model, c) for c in columns)).where(
+            model.survey_id.in_(q.surveys),
+            model.grain == "month",
+            model.dim.in_(columns),
+            model.bucket >= floor(q.since, "month"),
+            model.bucket < q.until,
+        )
+        for row in await _rows(session, stmt):
+            found[row[0]].add(row[1 + columns.index(row[0])])
+    return tuple((column, tuple(sorted(found[column]))) for column in columns)
 
 
 async def _by_periods(
