@@ -1098,12 +1098,13 @@ async def plan_for_reports(session: AsyncSession) -> None:
       which cannot use the month sets' covering index (its predicate is proved from the
       values) nor end a scan at their bounds: at 10M answers January 15 to December 15 by
       account and team went from 0.83 s to 1.2 s after a few requests. Planning takes a few
-      milliseconds of reads that take hundreds;
-    - ``work_mem`` 32 MB: summing a page's rows (tens of thousands from the months and days)
-      otherwise spills to disk."""
+      milliseconds of reads that take hundreds.
+
+    (Tried: ``work_mem`` 32 MB, so that summing a page's rows does not spill to disk; the
+    planner then sorts them instead of hashing, and the partial months by account and team
+    took 1.0–1.3 s instead of 0.76–0.78.)"""
     if session.bind is not None and session.bind.dialect.name == "postgresql":
         await session.execute(text("SET LOCAL jit = off"))
-        await session.execute(text("SET LOCAL work_mem = '32MB'"))
         await session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
