@@ -1310,31 +1310,53 @@ def _within_one(q: CellQuery, r: KeyRange) -> bool:
     )
 
 
-def _leading(model: Any, q: CellQuery, r: KeyRange) -> list[Any]:
-    """Bounds of the first segments of the order that every group in ``r`` is within:
-    ``r.lead``, or a range's first and last group's within one survey and period (without a
-    first group, the first segment up to the last group's). The segments both bounds share are
-    equal to theirs, the next is between them: each a condition on one column, which the index
-    checks before a row is read (a row value over columns that are not next to each other in
-    the index is checked only on the rows read). The cells' index then reads the period's days,
-    but only the rows of those values from the table; a roll-up's index only those rows."""
+def _lead_bounds(
+    q: CellQuery, r: KeyRange
+) -> tuple[tuple[str, ...] | None, tuple[str, ...], int] | None:
+    """The first segments of the order that every group in ``r`` is within, as (low, high,
+    i): ``r.lead``, or a range's first and last group's within one survey and period. The
+    segments before the ``i``-th are equal to low's (and high's), the ``i``-th is between
+    low's and high's; without a first group (low None), the first segment up to high's."""
     if not q.segments:
-        return []
-    bounds = r.lead
-    if bounds is None and r.end is not None and _within_one(q, r):
+        return None
+    if r.lead is not None:
+        low, high = r.lead
+    elif r.end is not None and _within_one(q, r):
         if r.start is None:  # from the first group of the survey and period
-            return [getattr(model, q.segments[0]) <= r.end[2][0]]
-        bounds = (r.start[2], r.end[2])
+            return None, r.end[2], 0
+        low, high = r.start[2], r.end[2]
+    else:
+        return None
+    same = next((i for i, (a, b) in enumerate(zip(low, high, strict=True)) if a != b), len(low) - 1)
+    return low, high, same
+
+
+def _leading(model: Any, q: CellQuery, r: KeyRange) -> list[Any]:
+    """Bounds of the first segments of the order that every group in ``r`` is within
+    (``_lead_bounds``): each a condition on one column, which the index checks before a row is
+    read (a row value over columns that are not next to each other in the index is checked
+    only on the rows read). The cells' index then reads the period's days, but only the rows
+    of those values from the table; a roll-up's index only those rows."""
+    bounds = _lead_bounds(q, r)
     if bounds is None:
         return []
-    low, high = bounds
-    same = next((i for i, (a, b) in enumerate(zip(low, high, strict=True)) if a != b), len(low) - 1)
+    low, high, same = bounds
     columns = [getattr(model, c) for c in q.segments]
+    if low is None:
+        return [columns[0] <= high[0]]
     return [
         *(columns[i] == low[i] for i in range(same)),
         columns[same] >= low[same],
         columns[same] <= high[same],
     ]
+
+
+def _before(q: CellQuery, at: int) -> list[str]:
+    """The segments between the day and ``q``'s ``at``-th segment in the cells' primary key
+    that the bounds of ``_leading`` leave open (those before it in ``q`` are equal to a value):
+    what ``KeyRange.listed`` lists."""
+    column = q.segments[at]
+    return [c for c in SEGMENTS[: SEGMENTS.index(column)] if c not in q.segments[:at]]
 
 
 # A group's counts as a read returns them, in the order of ``_SUMS``.
@@ -1371,6 +1393,12 @@ async def cell_counts(
                 within = KeyRange(start, r.from_start, None, r.limit - len(out))
                 out += await _by_leading(session, one, within)
         return out
+    if not r.listed and not all(rollups for _, rollups in sources(q)):
+        # A range of the cells' groups (a page's previous period): list what its bounds leave
+        # open, as a page's reads do.
+        bounds = _lead_bounds(q, r)
+        if bounds is not None:
+            r = replace(r, listed=await _segment_values(session, q, _before(q, bounds[2])))
     return await _counts(session, q, r)
 
 
@@ -1407,8 +1435,7 @@ async def _by_leading(
         (group[2], sum(counts[:13]) + counts[15])  # answers (bots too) and deliveries
         for group, counts in await _counts(session, one, KeyRange(start, True))
     ]
-    between = [c for c in SEGMENTS[: SEGMENTS.index(lead[-1])] if c not in lead]
-    listed = await _segment_values(session, q, between)
+    listed = await _segment_values(session, q, _before(q, len(lead) - 1))
     out: list[tuple[CellGroup, ReadCounts]] = []
     rate, counted, i = 1.0, 0, 0
     while i < len(values) and len(out) < r.limit:
