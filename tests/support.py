@@ -200,14 +200,20 @@ def run_migration_step(connection: Any, service: str, revision_file: str, step: 
     """Run one migration's ``upgrade`` or ``downgrade`` on a synchronous connection (inside
     ``AsyncConnection.run_sync``), outside alembic's version bookkeeping: a data migration
     applied to tables built from the models."""
+    module = migration_module(service, revision_file)
+    with Operations.context(MigrationContext.configure(connection)):
+        getattr(module, step)()
+
+
+def migration_module(service: str, revision_file: str) -> Any:
+    """One migration of a service, loaded from its file (revisions are not a package)."""
     root = Path(__file__).resolve().parent.parent
     path = root / f"services/{service}/migrations/versions/{revision_file}.py"
     spec = importlib.util.spec_from_file_location(f"{service}_migration_{revision_file}", path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with Operations.context(MigrationContext.configure(connection)):
-        getattr(module, step)()
+    return module
 
 
 @asynccontextmanager

@@ -22,6 +22,7 @@ from services.common.config import DatabaseSettings, KafkaSettings
 from services.common.db import create_engine
 from services.common.runtime import Runtime
 from tests.conftest import ROOT
+from tests.support import migration_module
 
 
 def _schema_of(connection: Connection, service: str) -> dict[str, Any]:
@@ -64,6 +65,37 @@ async def test_up_equals_the_models_and_down_leaves_nothing(
             left = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert left & models == set(), f"{service}: down left {left & models}"
         assert await migrations.current(engine, service, schema) is None
+    finally:
+        await engine.dispose()
+
+
+async def test_the_month_sets_index_built_beforehand_concurrently_is_kept(
+    postgres: DatabaseSettings,
+) -> None:
+    """docs/operations.md: an operator builds collector migration 0007's indexes with
+    ``CREATE INDEX CONCURRENTLY`` before the migration Job (which would hold writes to the
+    roll-ups while it builds them); the migration then finds them and the schema is the
+    models'."""
+    engine = create_engine(postgres)
+    schema = postgres.schema_name
+    try:
+        assert await migrations.upgrade(engine, "collector", schema, "0006") == (None, "0006")
+        module = migration_module("collector", "0007_month_sets_covering_index")
+        async with engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in module.TABLES:
+                statement = module.create_statement(table)
+                concurrently = statement.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY")
+                await autocommit.execute(text(concurrently))
+        head = migrations.head("collector")
+        assert await migrations.upgrade(engine, "collector", schema) == ("0006", head)
+        async with engine.connect() as conn:
+            found = await conn.run_sync(lambda c: _schema_of(c, "collector"))
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("collector_score_rollups")}
+            )
+        assert found["diff"] == []
+        assert "ix_collector_score_rollups_month_sets" in indexes
     finally:
         await engine.dispose()
 
