@@ -794,9 +794,9 @@ class KeyRange:
     # The groups whose first segments (of the order) are from the first of these values to
     # the second, inclusive (``_by_leading``: they differ in their last value alone).
     lead: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-    # Values of the segments that come between the day and the last of ``lead``'s segments
+    # Values of the segments between the day and the segment ``_lead_bounds`` puts a range on,
     # in the cells' primary key, each a superset of the values the read's days hold
-    # (``_cell_where``).
+    # (``_cell_where``, ``_before``).
     listed: Listed = ()
 
 
@@ -1393,7 +1393,7 @@ async def cell_counts(
                 within = KeyRange(start, r.from_start, None, r.limit - len(out))
                 out += await _by_leading(session, one, within)
         return out
-    if not r.listed and not all(rollups for _, rollups in sources(q)):
+    if not r.listed and _by_cells(q):
         # A range of the cells' groups (a page's previous period): list what its bounds leave
         # open, as a page's reads do.
         bounds = _lead_bounds(q, r)
