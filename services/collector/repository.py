@@ -1393,7 +1393,7 @@ async def cell_counts(
                 within = KeyRange(start, r.from_start, None, r.limit - len(out))
                 out += await _by_leading(session, one, within)
         return out
-    if not r.listed and _by_cells(q):
+    if _by_cells(q):
         # A range of the cells' groups (a page's previous period): list what its bounds leave
         # open, as a page's reads do.
         bounds = _lead_bounds(q, r)

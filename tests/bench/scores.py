@@ -27,13 +27,14 @@ median of a few runs after a warm-up:
 - the same grouping computed from the answers instead of the cells, for contrast;
 - the baseline: ``SELECT count(*) FROM collector_responses``, in the same run.
 
-Run it alone with ``python -m tests.bench.scores`` (``KAIKU_BENCH_SCORE_ANSWERS=1000000`` for
-a quicker look); ``make bench`` runs it with the rest. Loading 10M answers takes about ten
-minutes, so a schema can be kept: with ``KAIKU_BENCH_SCORE_SCHEMA=<name>`` the bench loads into
-that schema and leaves it there, and a later run with the same name reuses what still fits,
-by fingerprints stored beside the tables: the answers when their number, table and fill are the
-same (the cells and roll-ups are then filled again when their tables or fills changed), all of
-it when nothing changed. Drop the schema when done (``DROP SCHEMA <name> CASCADE``).
+Run it alone with ``python -m tests.bench.scores`` (``KAIKU_BENCH_SCORE_ANSWERS=1000000`` for a
+quicker look); ``make bench`` runs it with the rest. Loading 10M answers and their counts takes
+25–60 minutes, so a schema can be kept: with ``KAIKU_BENCH_SCORE_SCHEMA=<name>`` the bench
+loads into that schema and leaves it there, and a later run with the same name reuses what
+still fits, by fingerprints stored beside the tables: the answers when their number, table and
+fill are the same (the cells and roll-ups are then filled again when their tables or fills
+changed), all of it when nothing changed. Drop the schema when done (``DROP SCHEMA <name>
+CASCADE``).
 """
 
 from __future__ import annotations
