@@ -33,6 +33,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy import column as named_column
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.collector.models import (
@@ -1525,11 +1526,15 @@ async def _counts(
                     session, q, KeyRange(end, False, None, r.limit - len(found), r.lead)
                 )
             return found
-    both = union_all(*_count_selects(session, q, r)).subquery()
+    selects = _count_selects(session, q, r)
     width = 1 + (q.period != "none") + len(q.segments)
-    keys = [both.c[f"k{i}"] for i in range(width)]
+    # The union's columns by name, typed as its first SELECT's: its ``.c`` would build a proxy
+    # of every column of every SELECT (a third of the statement's building in Python).
+    types = [c.type for c in list(selects[0].selected_columns)[:width]]
+    keys = [named_column(f"k{i}", t) for i, t in enumerate(types)]
     stmt = (
-        select(*keys, *(cast(func.sum(both.c[name]), BigInteger) for name in _SUMS))
+        select(*keys, *(cast(func.sum(named_column(name)), BigInteger) for name in _SUMS))
+        .select_from(union_all(*selects).subquery("counts"))
         .group_by(*keys)
         .order_by(*keys)
     )
