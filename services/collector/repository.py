@@ -18,6 +18,7 @@ from sqlalchemy import (
     Date,
     DateTime,
     Integer,
+    String,
     and_,
     bindparam,
     case,
@@ -1246,6 +1247,7 @@ def _source_selects(
     # a month read of a report without a period orders by the month too (the index's order,
     # whatever the planner makes of a one-month range) but does not select it.
     order, dorder = keys, dkeys
+    dated = keep_period and q.period != "none"
     if not keep_period:
         keys, dkeys = [keys[0], *keys[2:]], [dkeys[0], *dkeys[2:]]
     if not unique:
@@ -1280,18 +1282,32 @@ def _source_selects(
         # on its first column (the survey), beside that column's own condition, and then no
         # longer end each day's scan at the leading segments' bounds (a quarter's previous
         # period: 18,700 index pages instead of about 4,000).
-        fenced = [part.offset(0).subquery() for part in out]
-        order, dorder = (list(part.c)[: len(keys)] for part in fenced)
+        named = _named(len(keys), dated)
+        order = dorder = named[: len(keys)]
         out = [
-            select(fenced[0]).where(*_in_range(order, r)),
-            select(fenced[1]).where(*_in_range(dorder, r)),
+            select(*named).select_from(part.offset(0).subquery()).where(*_in_range(order, r))
+            for part in out
         ]
     if r.limit is not None:
+        # In a subquery: SQLite takes no ORDER BY or LIMIT in a member of a UNION.
         out = [
-            select(part.order_by(*by).limit(r.limit).subquery())
+            select(*_named(len(keys), dated)).select_from(
+                part.order_by(*by).limit(r.limit).subquery()
+            )
             for part, by in ((out[0], order), (out[1], dorder))
         ]
     return out
+
+
+def _named(width: int, dated: bool) -> list[Any]:
+    """The columns of ``_count_selects``' SELECTs by name: the group keys ``k0``… (``width``
+    of them; ``dated``: the second is the period's start) and ``_SUMS``. Selected from a
+    subquery by name, as its ``.c`` would build a proxy of each column (for a union, of every
+    SELECT's: a third of building a report's statements in Python)."""
+    keys: list[Any] = [named_column(f"k{i}", String()) for i in range(width)]
+    if dated:  # typed: SQLite returns a date as text
+        keys[1] = named_column("k1", Date())
+    return keys + [named_column(name) for name in _SUMS]
 
 
 def _within_one(q: CellQuery, r: KeyRange) -> bool:
@@ -1526,15 +1542,12 @@ async def _counts(
                     session, q, KeyRange(end, False, None, r.limit - len(found), r.lead)
                 )
             return found
-    selects = _count_selects(session, q, r)
     width = 1 + (q.period != "none") + len(q.segments)
-    # The union's columns by name, typed as its first SELECT's: its ``.c`` would build a proxy
-    # of every column of every SELECT (a third of the statement's building in Python).
-    types = [c.type for c in list(selects[0].selected_columns)[:width]]
-    keys = [named_column(f"k{i}", t) for i, t in enumerate(types)]
+    named = _named(width, q.period != "none")
+    keys, counts = named[:width], named[width:]
     stmt = (
-        select(*keys, *(cast(func.sum(named_column(name)), BigInteger) for name in _SUMS))
-        .select_from(union_all(*selects).subquery("counts"))
+        select(*keys, *(cast(func.sum(c), BigInteger) for c in counts))
+        .select_from(union_all(*_count_selects(session, q, r)).subquery())
         .group_by(*keys)
         .order_by(*keys)
     )
