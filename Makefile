@@ -22,10 +22,11 @@ run: $(STAMP)
 ## test: every test, against the real broker (started by the tests) and PostgreSQL; the fault
 ## tests (kill -9, a PostgreSQL restart, a paused broker) are `make chaos`, which CI runs too.
 ## The tests mostly wait on the broker, the database and the browser, so they run in
-## TEST_WORKERS processes (each with a broker of its own); TEST_WORKERS=0 runs them in one.
+## TEST_WORKERS processes (each with a broker of its own; an idle one takes tests queued for
+## another, so the slowest do not all end up last); TEST_WORKERS=0 runs them in one.
 TEST_WORKERS ?= 3
 test: $(STAMP) chromium
-	$(BIN)/pytest -n $(TEST_WORKERS) --ignore=tests/faults
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal --ignore=tests/faults
 
 ## chaos: the fault tests (tests/faults): services killed, PostgreSQL restarted, the broker paused
 chaos: $(STAMP)
