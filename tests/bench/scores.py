@@ -27,14 +27,14 @@ median of a few runs after a warm-up:
 - the same grouping computed from the answers instead of the cells, for contrast;
 - the baseline: ``SELECT count(*) FROM collector_responses``, in the same run.
 
-Run it alone with ``python -m tests.bench.scores`` (``KAIKU_BENCH_SCORE_ANSWERS=1000000`` for a
-quicker look); ``make bench`` runs it with the rest. Loading 10M answers and their counts takes
-25–60 minutes, so a schema can be kept: with ``KAIKU_BENCH_SCORE_SCHEMA=<name>`` the bench
-loads into that schema and leaves it there, and a later run with the same name reuses what
-still fits, by fingerprints stored beside the tables: the answers when their number, table and
-fill are the same (the cells and roll-ups are then filled again when their tables or fills
-changed), all of it when nothing changed. Drop the schema when done (``DROP SCHEMA <name>
-CASCADE``).
+Run it alone with ``python -m tests.bench.scores`` (``KAIKU_BENCH_SCORE_ANSWERS=100000`` for a
+quicker look, a minute: some reports then fit one page, which the bench says); ``make bench``
+runs it with the rest. Loading 10M answers and their counts takes 25–60 minutes, so a schema
+can be kept: with ``KAIKU_BENCH_SCORE_SCHEMA=<name>`` the bench loads into that schema and
+leaves it there, and a later run with the same name reuses what still fits, by fingerprints
+stored beside the tables: the answers when their number, table and fill are the same (the
+cells and roll-ups are then filled again when their tables or fills changed), all of it when
+nothing changed. Drop the schema when done (``DROP SCHEMA <name> CASCADE``).
 """
 
 from __future__ import annotations
@@ -508,13 +508,13 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                 "group_by": group,
             }
             auth = {"Authorization": f"Bearer {TOKEN}"}
-            checked = False
+            checked = told = False
 
             async def run() -> None:
                 # Timed to the last byte of the last page; the JSON is parsed outside the timed
                 # runs (parsing megabytes is the client's time, not the server's), but for the
                 # cursor of the next page: the last field of the answer.
-                nonlocal checked
+                nonlocal checked, told
                 cursor = None
                 pages = 0
                 while True:
@@ -529,7 +529,10 @@ async def figures(answers: int = ANSWERS, *, echo: bool = False) -> list[Result]
                     cursor = json.loads(tail[len(b'"next_cursor":') : -1])
                     if cursor is None or not every_page:
                         break
-                assert pages > 1 or not every_page, "the report is one page"
+                if every_page and pages == 1 and not told:
+                    # At a smaller KAIKU_BENCH_SCORE_ANSWERS the whole report fits a page.
+                    print(f"scores bench: {params['group_by']} is one page at this size")
+                    told = True
 
             return run
 
