@@ -1299,15 +1299,20 @@ def _source_selects(
     return out
 
 
-def _named(width: int, dated: bool) -> list[Any]:
-    """The columns of ``_count_selects``' SELECTs by name: the group keys ``k0``… (``width``
-    of them; ``dated``: the second is the period's start) and ``_SUMS``. Selected from a
-    subquery by name, as its ``.c`` would build a proxy of each column (for a union, of every
-    SELECT's: a third of building a report's statements in Python)."""
+def _named_keys(width: int, dated: bool = False) -> list[Any]:
+    """A read's group keys by name, ``k0``… (``width`` of them; ``dated``: the second is the
+    period's start), to select them from a subquery: its ``.c`` would build a proxy of each
+    column (for a union, of every SELECT's: a third of building a report's statements in
+    Python)."""
     keys: list[Any] = [named_column(f"k{i}", String()) for i in range(width)]
     if dated:  # typed: SQLite returns a date as text
         keys[1] = named_column("k1", Date())
-    return keys + [named_column(name) for name in _SUMS]
+    return keys
+
+
+def _named(width: int, dated: bool) -> list[Any]:
+    """The columns of ``_count_selects``' SELECTs by name: ``_named_keys`` and ``_SUMS``."""
+    return _named_keys(width, dated) + [named_column(name) for name in _SUMS]
 
 
 def _within_one(q: CellQuery, r: KeyRange) -> bool:
@@ -1569,15 +1574,23 @@ async def _page_end(session: AsyncSession, q: CellQuery, r: KeyRange) -> CellGro
     months = _month_reads(q, r) if sources(q) == [(q, True)] else None
     if months is None or len(months) < 2:
         return None
+    columns = _named_keys(1 + len(q.segments))
     reads = []
     for month, within in months:
         for model in (ScoreRollup, DeliveryRollup):
             keys, where, _ = _rollup_query(session, model, month, within)
             labelled = [k.label(f"k{i}") for i, k in enumerate([keys[0], *keys[2:]])]
-            reads.append(select(*labelled).where(*where).order_by(*keys).limit(r.limit))
-    every = union_all(*(select(read.subquery()) for read in reads)).subquery()
-    columns = list(every.c)
-    stmt = select(*columns).distinct().order_by(*columns).offset(r.limit - 1).limit(1)
+            read = select(*labelled).where(*where).order_by(*keys).limit(r.limit)
+            reads.append(select(*columns).select_from(read.subquery()))
+    every = union_all(*reads).subquery()
+    stmt = (
+        select(*columns)
+        .select_from(every)
+        .distinct()
+        .order_by(*columns)
+        .offset(r.limit - 1)
+        .limit(1)
+    )
     rows = await _rows(session, stmt)
     return (rows[0][0], None, tuple(rows[0][1:])) if rows else None
 
